@@ -1,0 +1,229 @@
+"""HFT: Half Fine-Tuning (Hui, Zhang, Wang, Xu, Sun, Wu; arXiv 2404.18466, 2024).
+
+HFT fine-tunes a randomly chosen half of every transformer block and keeps the other half at its
+pre-trained value for the whole stage. With a fixed 0/1 mask M over the parameters it solves
+
+    min_Δ  L(θ0 + M ⊙ Δ),   i.e.   min_θ L(θ)  subject to  ‖(I − M)(θ − θ0)‖² = 0,
+
+a fine-tuning loss with a penalty that pins the frozen half to the pre-trained weights.
+
+The selection rule ("category level"), drawn once per stage, in every transformer block:
+  self-attention   2 of the 4 projections (q, k, v, o) are trained;
+  feed-forward     2 of the 3 gated-MLP matrices (gate, up, down) in a random half of the blocks,
+                   1 of 3 in the other half; a two-matrix MLP (GPT-2's c_fc, c_proj) trains 1 of 2;
+  norms            1 of the block's 2 norms;
+  outside blocks   token and position embeddings, final norm, LM head: always trained.
+For a ratio r other than 1/2: a category with n modules in a block trains floor(r·n) of them, and
+one more in a random set of blocks, sized so that the average over the blocks is r·n (to the
+nearest whole block). r = 1/2 gives the rule above, r = 1 freezes nothing.
+
+The unit of selection is a module, not a tensor: a bias goes with its weight (Qwen's q/k/v
+biases, GPT-2's c_attn.bias), a LayerNorm's weight and bias are one norm. A fused QKV matrix is
+one attention module, so GPT-2's attention has two modules, c_attn (C×3C) and c_proj (C×C), and
+trains one of the two: 3/4 or 1/4 of the block's attention weights, 1/2 on average over blocks.
+
+Strategies, for the paper's ablation on what to freeze:
+  category   the rule above (default, the paper's HFT);
+  model      random modules from anywhere in the blocks until about r of the block parameters;
+  layer      whole blocks, round(r·N) of the N blocks.
+
+Freezing is requires_grad_(False) and an optimizer over the trainable parameters only, never a
+zeroed gradient: a zero gradient still moves a parameter under AdamW's weight decay and momentum.
+A frozen matrix also gets no weight gradient and no optimizer state, which is where HFT saves
+time and memory. The selection is a sorted list of names, a pure function of (parameter names,
+seed, stage): the same on every rank and every run, and it goes into a checkpoint as it is.
+"""
+
+import math
+import random
+import re
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+STRATEGIES = ("category", "model", "layer")
+CATEGORIES = ("attn", "mlp", "norm")  # inside a block; everything outside the blocks is "other"
+
+
+def category_of(module: str) -> str | None:
+    """Category of a module from its path inside a block ('self_attn.q_proj', 'ln_1'), or None."""
+    parts = module.lower().split(".")
+    leaf, first = parts[-1], parts[0]
+    # norms first: a norm may sit inside the attention module (e.g. per-head q_norm, k_norm)
+    if "norm" in leaf or re.fullmatch(r"ln(_\w*|\d*)", leaf):  # *norm*, GPT-2's ln_1, ln_2
+        return "norm"
+    if "attn" in first or "attention" in first:
+        return "attn"
+    if "mlp" in first or "ffn" in first or "feed_forward" in first:
+        return "mlp"
+    return None
+
+
+def find_blocks(shapes: Mapping[str, object]) -> tuple[list[dict[str, dict[str, list[str]]]], list[str]]:
+    """Group parameter names into transformer blocks.
+
+    A block is the module under the first numeric path component of a name (model.layers.3,
+    transformer.h.3). Returns (blocks, outside): blocks in order, each {category: {module: [names]}},
+    and the names outside any block. Raises ValueError for parameters inside a block that fit no
+    category, and for a model without blocks.
+    """
+    blocks: dict[tuple[str, int], dict[str, dict[str, list[str]]]] = {}
+    outside, unplaced = [], []
+    for name in sorted(shapes):
+        parts = name.split(".")
+        i = next((i for i, part in enumerate(parts) if part.isdigit()), None)
+        if i is None:
+            outside.append(name)
+            continue
+        module = ".".join(parts[i + 1:-1])  # path inside the block, without the tensor's own name
+        category = category_of(module) if module else None
+        if category is None:
+            unplaced.append(name)
+            continue
+        block = blocks.setdefault((".".join(parts[:i]), int(parts[i])), {})
+        full = ".".join(parts[:i + 1] + [module])
+        block.setdefault(category, {}).setdefault(full, []).append(name)
+    if unplaced:
+        raise ValueError(
+            f"could not place {len(unplaced)} parameter(s) inside a transformer block into "
+            f"attention, MLP or norm: {unplaced}")
+    if not blocks:
+        raise ValueError(
+            "no transformer blocks found: expected parameter names with a block index, like "
+            f"'model.layers.0.self_attn.q_proj.weight' or 'transformer.h.0.attn.c_attn.weight'; "
+            f"got {sorted(shapes)[:8]}")
+    return [blocks[key] for key in sorted(blocks)], outside
+
+
+def _shapes(model_or_shapes) -> dict[str, tuple[int, ...]]:
+    if isinstance(model_or_shapes, nn.Module):
+        return {name: tuple(p.shape) for name, p in model_or_shapes.named_parameters()}
+    if isinstance(model_or_shapes, Mapping):  # {name: shape}, or a state_dict of tensors
+        return {name: tuple(getattr(s, "shape", s)) for name, s in model_or_shapes.items()}
+    raise TypeError(f"expected an nn.Module or a {{name: shape}} mapping, got {type(model_or_shapes).__name__}")
+
+
+def _round(x: float) -> int:
+    return math.floor(x + 0.5)  # half up, so "half of 5 blocks" is 3 regardless of parity tricks
+
+
+def _by_category(blocks, ratio: float, rng: random.Random) -> list[str]:
+    chosen = []
+    for category in CATEGORIES:
+        per_block = [sorted(block.get(category, {})) for block in blocks]
+        target = [ratio * len(modules) for modules in per_block]
+        # floor(r·n) everywhere, one more in a random set of blocks so the average is r·n
+        partial = [i for i, t in enumerate(target) if t > math.floor(t)]
+        extra = set(rng.sample(partial, _round(sum(target[i] - math.floor(target[i]) for i in partial))))
+        for i, modules in enumerate(per_block):
+            chosen += rng.sample(modules, math.floor(target[i]) + (i in extra))
+    return chosen
+
+
+def _by_model(blocks, shapes, ratio: float, rng: random.Random) -> list[str]:
+    members = {m: names for block in blocks for modules in block.values() for m, names in modules.items()}
+    size = {m: sum(math.prod(shapes[n]) for n in names) for m, names in members.items()}
+    order = sorted(members)
+    rng.shuffle(order)
+    target, taken, chosen = ratio * sum(size.values()), 0, []
+    for m in order:
+        if taken + size[m] / 2 <= target:  # take it when that brings the total closer to the target
+            chosen.append(m)
+            taken += size[m]
+    return chosen
+
+
+def _by_layer(blocks, ratio: float, rng: random.Random) -> list[str]:
+    picked = rng.sample(range(len(blocks)), _round(ratio * len(blocks)))
+    return [m for i in picked for modules in blocks[i].values() for m in modules]
+
+
+def select(model_or_shapes, seed: int = 0, stage: int = 0, ratio: float = 0.5,
+           strategy: str = "category") -> list[str]:
+    """Sorted names of the parameters to train in this stage; all others stay frozen.
+
+    model_or_shapes: an nn.Module, or a {name: shape} mapping (a state_dict works too).
+    seed, stage: the draw depends on these and the parameter names only (never on global RNG
+    state), so every rank and every resumed run gets the same half; a new stage draws anew.
+    ratio: fraction of the block parameters to train, in (0, 1]; 0.5 is the paper's HFT.
+    strategy: 'category' (the paper's rule), 'model' or 'layer' (its ablations).
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio <= 1:
+        raise ValueError(f"ratio must be a number in (0, 1], got {ratio!r}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    for arg, value in (("seed", seed), ("stage", stage)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{arg} must be an int, got {value!r}")
+    if stage < 0:
+        raise ValueError(f"stage must be >= 0, got {stage}")
+    shapes = _shapes(model_or_shapes)
+    blocks, outside = find_blocks(shapes)
+    rng = random.Random(f"hft/seed={seed}/stage={stage}")  # str seeds hash the same in every process
+    if strategy == "category":
+        modules = _by_category(blocks, ratio, rng)
+    elif strategy == "model":
+        modules = _by_model(blocks, shapes, ratio, rng)
+    else:
+        modules = _by_layer(blocks, ratio, rng)
+    members = {m: names for block in blocks for mods in block.values() for m, names in mods.items()}
+    return sorted(outside + [name for m in modules for name in members[m]])
+
+
+def _check_names(model_names, trainable) -> set[str]:
+    if isinstance(trainable, str):
+        raise ValueError(f"trainable must be an iterable of parameter names, got the string {trainable!r}")
+    trainable = set(trainable)
+    unknown = sorted(trainable - set(model_names))
+    if unknown:
+        raise ValueError(f"trainable names not found among the model's parameters: {unknown}")
+    return trainable
+
+
+def apply(model: nn.Module, trainable: Iterable[str]) -> list[torch.nn.Parameter]:
+    """Freeze every parameter not in `trainable` and unfreeze the rest (so a new stage starts from
+    a fully unfrozen model); return the trainable parameters in model order, for the optimizer."""
+    named = list(model.named_parameters())
+    trainable = _check_names([name for name, _ in named], trainable)
+    params = []
+    for name, p in named:
+        p.requires_grad_(name in trainable)
+        if name in trainable:
+            params.append(p)
+        else:
+            p.grad = None  # a gradient left over from an earlier stage must not reach any optimizer
+    return params
+
+
+def report(model_or_shapes, trainable: Iterable[str]) -> dict:
+    """What is trained: parameter counts and fractions overall, over the blocks and by category
+    (attn, mlp, norm inside the blocks; other = outside them), tensor counts, frozen names."""
+    shapes = _shapes(model_or_shapes)
+    trainable = _check_names(shapes, trainable)
+    blocks, outside = find_blocks(shapes)
+    category = {name: "other" for name in outside}
+    for block in blocks:
+        for cat, modules in block.items():
+            category.update({name: cat for names in modules.values() for name in names})
+    counts = {cat: {"trainable": 0, "total": 0} for cat in (*CATEGORIES, "other")}
+    for name, shape in shapes.items():
+        counts[category[name]]["total"] += math.prod(shape)
+        counts[category[name]]["trainable"] += math.prod(shape) if name in trainable else 0
+    for c in counts.values():
+        c["fraction"] = c["trainable"] / c["total"] if c["total"] else 0.0
+    inside = [counts[cat] for cat in CATEGORIES]
+    n_trainable = sum(c["trainable"] for c in counts.values())
+    n_total = sum(c["total"] for c in counts.values())
+    frozen = sorted(set(shapes) - trainable)
+    return {
+        "trainable": n_trainable,
+        "total": n_total,
+        "fraction": n_trainable / n_total,
+        "block_fraction": sum(c["trainable"] for c in inside) / sum(c["total"] for c in inside),
+        "by_category": counts,
+        "n_blocks": len(blocks),
+        "n_trainable_tensors": len(shapes) - len(frozen),
+        "n_frozen_tensors": len(frozen),
+        "frozen": frozen,
+    }
