@@ -105,7 +105,7 @@ def _shapes(model_or_shapes) -> dict[str, tuple[int, ...]]:
 
 
 def _round(x: float) -> int:
-    return math.floor(x + 0.5)  # half up, so "half of 5 blocks" is 3 regardless of parity tricks
+    return math.floor(x + 0.5)  # half up: Python's round() goes to even, 2.5 -> 2 but 3.5 -> 4
 
 
 def _by_category(blocks, ratio: float, rng: random.Random) -> list[str]:
