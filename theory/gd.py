@@ -51,6 +51,8 @@ def run_gd_mofo(loss, theta0, blocks, alpha, eta, steps, step=gd_mofo_step_):
     edges = np.cumsum([0, *blocks])
     starts = edges[:-1]
     views = [theta_t[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    g_buf = np.empty_like(theta)                    # each step's gradient is copied in here, so
+    g_views = [torch.from_numpy(g_buf)[a:b] for a, b in zip(edges[:-1], edges[1:])]  # views once
     f = np.empty(steps + 1)
     grad_sq = np.empty(steps + 1)
     block_grad_sq = np.empty((steps, len(blocks)))
@@ -58,9 +60,9 @@ def run_gd_mofo(loss, theta0, blocks, alpha, eta, steps, step=gd_mofo_step_):
     for t in range(steps):
         f[t], g = loss.value_and_grad(theta)
         grad_sq[t] = g @ g
-        g_t = torch.from_numpy(g)
+        g_buf[:] = g
         before = theta.copy()
-        step(views, [g_t[a:b] for a, b in zip(edges[:-1], edges[1:])], eta, alpha)
+        step(views, g_views, eta, alpha)
         moved = theta != before                                       # γ_t as applied
         block_grad_sq[t] = np.add.reduceat(g * g, starts)
         block_filt_sq[t] = np.add.reduceat(np.where(moved, g * g, 0.0), starts)
