@@ -1,0 +1,792 @@
+"""The tiny forgetting experiment: pre-train a small Llama-style transformer on an invented world,
+fine-tune it on a new skill six ways, and measure what it learned and what it forgot.
+
+Methods (one flag each, same pre-trained checkpoint, same data order):
+  full   AdamW on every weight.
+  mofo   MoFO (Chen et al., arXiv 2407.20999, Algorithm 1): Adam whose update moves only the α
+         fraction of each tensor's entries with the largest momentum (mofo.py).
+  hft    Half Fine-Tuning (Hui et al., arXiv 2404.18466): a random half of each block's matrices
+         frozen for the stage, drawn anew per task (hft.py).
+  l1/l2  loss + λ‖θ − θ0‖₁ or λ‖θ − θ0‖², a pull toward the pre-trained weights θ0.
+  lora   LoRA (Hu et al., arXiv 2106.09685): W0 + (α/r)·BA on every block matrix, merged for eval.
+  --replay mixes pre-training text into the batches: the reference that needs the old data.
+
+Knowledge is scored as the papers' benchmarks score it (lm-eval on MMLU/ARC): multiple choice by
+log-likelihood over each attribute's candidate values (primary), greedy exact recall (secondary);
+general language by the loss on held-out text. Forgetting is the drop from the pre-trained model.
+
+    python train_tiny.py --method mofo --alpha 0.1      # pre-trains once (cached), then fine-tunes
+    python train_tiny.py --method full --tasks add,reverse,sort,count
+    torchrun --nproc_per_node=2 train_tiny.py --method hft
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import random
+import resource
+import string
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import hft
+from mofo import FILTERS, MoFO
+
+
+def opt(default, help):  # a config field with its one-line "why", shown by --help
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    out_dir: str = opt("out", "pre-trained checkpoint, fine-tuning checkpoints and JSON metrics")
+    run_name: str = opt("", "name of this run's checkpoint and JSON in out_dir ('' = the method)")
+    resume: bool = opt(False, "continue this run's checkpoint, bitwise as if never stopped (CPU)")
+    ckpt_interval: int = opt(100, "resumable checkpoint every N fine-tuning iters (0: end of task only)")
+    log_interval: int = opt(50, "log loss, lr and ms/iter every N iters")
+    device: str = opt("auto", "auto (cuda, then mps, then cpu) or a torch device name")
+    compile: bool = opt(False, "torch.compile the model: pays off on GPUs, not for short CPU runs")
+    # the invented world and the pre-training text
+    data_seed: int = opt(0, "seed of the world, held-out text, test problems and pre-training")
+    n_people: int = opt(150, "people in the world, 4 facts each, each fact in 3 sentence templates")
+    filler: float = opt(0.1, "fraction of pre-training sentences that are narrative, not facts")
+    # model (Llama block layout, Hugging Face parameter names)
+    n_layer: int = opt(4, "transformer blocks")
+    n_head: int = opt(4, "attention heads")
+    n_embd: int = opt(128, "channels")
+    block_size: int = opt(128, "pre-training context length (characters)")
+    # pre-training: runs once per out_dir, cached in out_dir/pretrained.pt
+    pretrain_iters: int = opt(1400, "pre-training steps (about 100 passes over the facts)")
+    pretrain_batch_size: int = opt(32, "pre-training windows per step")
+    pretrain_lr: float = opt(3e-3, "pre-training peak learning rate (AdamW, cosine)")
+    pretrain_warmup: int = opt(50, "pre-training warm-up steps")
+    pretrain_weight_decay: float = opt(0.1, "pre-training AdamW decay on matrices")
+    grad_clip: float = opt(1.0, "clip the global gradient norm (0: off)")
+    # fine-tuning
+    method: str = opt("mofo", "full | mofo | hft | l1 | l2 | lora")
+    tasks: str = opt("add", "comma-separated sequence of add, reverse, sort, count (continual)")
+    seed: int = opt(0, "fine-tuning seed: data order, HFT draw, LoRA init, MoFO random filter")
+    max_iters: int = opt(300, "fine-tuning steps per task (a fixed step budget)")
+    batch_size: int = opt(64, "problems per step (global: split across DDP ranks)")
+    lr: float = opt(2e-3, "fine-tuning peak learning rate: the main knob for every method")
+    warmup_iters: int = opt(20, "linear warm-up: the first large Adam steps do most forgetting")
+    weight_decay: float = opt(0.0, "fine-tuning decoupled decay (0, as in the MoFO paper)")
+    alpha: float = opt(0.1, "MoFO: fraction of each tensor updated per step, in (0, 1]")
+    filter: str = opt("momentum", "MoFO: rank entries by momentum | gradient | update | random")
+    hft_ratio: float = opt(0.5, "HFT: fraction of block parameters trained, in (0, 1]")
+    hft_strategy: str = opt("category", "HFT: category (the paper) | model | layer")
+    reg: float = opt(-1.0, "L1/L2: penalty strength λ (-1: tuned default, l1 1e-4, l2 1e-2)")
+    rank: int = opt(8, "LoRA: rank r of BA (scale α/r = 2)")
+    replay: float = opt(0.0, "fraction of each batch that is pre-training text, in [0, 1)")
+    eval_problems: int = opt(500, "held-out test problems per task")
+
+
+PRESETS = {  # --preset: a named starting point; flags given on the command line still win
+    "smoke": dict(out_dir="out/smoke", n_people=12, n_layer=2, n_head=2, n_embd=32, block_size=64,
+                  pretrain_iters=60, pretrain_batch_size=8, pretrain_warmup=5, max_iters=20,
+                  batch_size=8, warmup_iters=2, eval_problems=40, ckpt_interval=10, log_interval=10),
+}
+PRETRAIN_KEYS = ("data_seed", "n_people", "filler", "n_layer", "n_head", "n_embd", "block_size",
+                 "pretrain_iters", "pretrain_batch_size", "pretrain_lr", "pretrain_warmup",
+                 "pretrain_weight_decay")
+RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "compile")  # free on resume
+METHODS = ("full", "mofo", "hft", "l1", "l2", "lora")
+TASKS = ("add", "reverse", "sort", "count")
+REG_DEFAULT = {"l1": 1e-4, "l2": 1e-2}
+
+
+# ----------------------------------------------------------------------------------------------
+# Model: Llama blocks (RMSNorm, rotary positions, q/k/v/o, gated MLP), untied LM head, no biases
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128  # rotary tables cover this many positions
+    vocab_size: int = 68
+
+    @property
+    def hidden(self):  # Llama's gated MLP width, 8/3·C, rounded up to a multiple of 16
+        return 16 * math.ceil(8 * self.n_embd / 3 / 16)
+
+
+def rotary(x, cos, sin):  # x (B, nh, T, hs): rotate pairs (i, i + hs/2) by pos·θ_i, as HF Llama
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.n_head = c.n_head
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(c.n_embd, c.n_embd, bias=False) for _ in range(4))
+
+    def forward(self, x, cos, sin):
+        B, T, C = x.shape
+        q, k, v = (proj(x).view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))  # (B, nh, T, hs)
+        y = F.scaled_dot_product_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, is_causal=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.n_embd, c.hidden, bias=False)
+        self.up_proj = nn.Linear(c.n_embd, c.hidden, bias=False)
+        self.down_proj = nn.Linear(c.hidden, c.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(c.n_embd, eps=1e-6)
+        self.self_attn = Attention(c)
+        self.post_attention_layernorm = nn.RMSNorm(c.n_embd, eps=1e-6)
+        self.mlp = MLP(c)
+
+    def forward(self, x, cos, sin):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):  # the "model." prefix of Hugging Face Llama names
+    def __init__(self, c):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
+        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
+        self.norm = nn.RMSNorm(c.n_embd, eps=1e-6)
+
+
+class TinyLlama(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.model = Decoder(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        hs = config.n_embd // config.n_head
+        angle = torch.outer(torch.arange(config.block_size).float(),
+                            1.0 / 10000 ** (torch.arange(0, hs, 2).float() / hs))  # (T, hs/2)
+        self.register_buffer("cos", torch.cat((angle, angle), -1).cos(), persistent=False)
+        self.register_buffer("sin", torch.cat((angle, angle), -1).sin(), persistent=False)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:  # GPT-2's init: residual outputs scaled down with depth
+                out = name.endswith(("o_proj.weight", "down_proj.weight"))
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layer) if out else 0.02)
+
+    def forward(self, idx, targets=None):  # idx (B, T) -> logits (B, T, V)
+        T = idx.size(1)
+        x = self.model.embed_tokens(idx)
+        for block in self.model.layers:
+            x = block(x, self.cos[:T], self.sin[:T])
+        logits = self.lm_head(self.model.norm(x))
+        if targets is None:
+            return logits, None
+        # Every row (one problem, or one window of text) counts the same: mean over its targets
+        # (-1 = no target), then over rows, so a batch split evenly across ranks averages to it.
+        nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1,
+                              reduction="none").view_as(targets)
+        n = (targets >= 0).sum(1)
+        return logits, (nll.sum(1) / n.clamp(min=1)).mean()
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens):  # greedy
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
+        return idx
+
+
+# ----------------------------------------------------------------------------------------------
+# Corpus: an invented world stated in sentences, narrative filler, held-out text, task problems
+
+VOCAB = "\n +.:=" + string.digits + string.ascii_lowercase + string.ascii_uppercase
+STOI = {ch: i for i, ch in enumerate(VOCAB)}
+ATTRIBUTES = {  # attribute: (candidate values, templates); the first template is the probe
+    "city": (("Brask", "Corvel", "Dunmere", "Elstow", "Farrow", "Glenhal", "Harlow", "Istra",
+              "Jorvik", "Kelda", "Lunmar", "Mirren"),
+             ("{} lives in {}.", "The home of {} is {}.", "{} has a house in {}.")),
+    "job": (("baker", "pilot", "farmer", "doctor", "tailor", "painter", "sailor", "miner",
+             "potter", "teacher"),
+            ("{} works as a {}.", "The job of {} is {}.", "{} earns a living as a {}.")),
+    "pet": (("cat", "dog", "parrot", "rabbit", "turtle", "goat", "hamster", "lizard"),
+            ("{} has a pet {}.", "The pet of {} is a {}.", "{} feeds a {} every day.")),
+    "colour": (("red", "blue", "green", "yellow", "purple", "orange", "white", "black"),
+               ("{} likes the colour {}.", "The favourite colour of {} is {}.", "{} paints everything {}.")),
+}
+FILLER = (("old", "small", "quiet", "happy", "brave", "tired", "clever", "young"),
+          ("horse", "fox", "crow", "mouse", "bear", "wolf", "owl", "deer"),
+          ("walks to", "runs past", "sleeps near", "looks at", "waits by", "sings to"),
+          ("the river", "the hill", "the market", "the bridge", "the forest", "the tower",
+           "the well", "the gate"))
+
+
+def encode(s):
+    return [STOI[c] for c in s]
+
+
+def decode(ids):
+    return "".join(VOCAB[i] for i in ids)
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: torch.Tensor    # (N,) pre-training text: facts in every template, plus filler
+    heldout: torch.Tensor  # (M,) narrative sentences never seen in pre-training
+    probes: tuple          # (attribute, prompt, true value) for every fact, first template
+
+
+@functools.lru_cache(maxsize=4)  # a pure function of its arguments: built once per process
+def build_corpus(seed=0, n_people=150, filler=0.1):
+    rng = random.Random(f"world/{seed}")
+    people = set()
+    while len(people) < n_people:  # invented names, syllable by syllable
+        people.add("".join(rng.choice(c) for c in ("BDFGKLMNPRST", "aeiou", "lnrstv", "aeio")).capitalize())
+    people = sorted(people)
+    facts, probes = [], []
+    for name in people:
+        for attr, (values, templates) in ATTRIBUTES.items():
+            value = rng.choice(values)
+            facts += [t.format(name, value) for t in templates]
+            probes.append((attr, "\n" + templates[0].format(name, "\0").split(" \0")[0], value))
+    narrative = sorted({f"The {a} {b} {c} {d}." for a in FILLER[0] for b in FILLER[1]
+                        for c in FILLER[2] for d in FILLER[3]})
+    rng.shuffle(narrative)
+    n_filler = round(filler / (1 - filler) * len(facts))
+    sentences, heldout = facts + narrative[:n_filler], narrative[n_filler:n_filler + 300]
+    text = ""
+    for _ in range(8):  # eight shuffled copies, so every sentence appears in several contexts
+        rng.shuffle(sentences)
+        text += "\n" + "\n".join(sentences)
+    return Corpus(torch.tensor(encode(text)), torch.tensor(encode("\n" + "\n".join(heldout))), tuple(probes))
+
+
+def sample_problem(task, rng):  # -> (prompt, answer); the answer ends with "." so exact match stops
+    if task == "add":
+        a, b = rng.randrange(100), rng.randrange(100)
+        return f"{a}+{b}=", f"{a + b}."
+    if task == "reverse":
+        w = "".join(rng.choices(string.ascii_lowercase, k=rng.randint(3, 5)))
+        return f"rev {w}=", f"{w[::-1]}."
+    if task == "sort":
+        d = "".join(rng.choices(string.digits, k=rng.randint(3, 5)))
+        return f"sort {d}=", "".join(sorted(d)) + "."
+    w, c = "".join(rng.choices("abcd", k=rng.randint(4, 6))), rng.choice("abcd")  # count
+    return f"cnt {c}:{w}=", f"{w.count(c)}."
+
+
+@functools.lru_cache(maxsize=16)
+def test_problems(task, seed, n):  # distinct held-out problems; training never draws them
+    rng, problems = random.Random(f"test/{task}/{seed}"), {}
+    while len(problems) < n:
+        prompt, answer = sample_problem(task, rng)
+        problems[prompt] = answer
+    return tuple(problems.items())
+
+
+def make_rows(prompts, answers):
+    """Right-padded (x, y) with targets on the answer tokens only, -1 elsewhere."""
+    rows = [encode(p + a) for p, a in zip(prompts, answers)]
+    T = max(map(len, rows)) - 1
+    x, y = torch.zeros(len(rows), T, dtype=torch.long), torch.full((len(rows), T), -1)
+    for r, (row, p) in enumerate(zip(rows, prompts)):
+        x[r, :len(row) - 1] = torch.tensor(row[:-1])
+        y[r, len(p) - 1:len(row) - 1] = torch.tensor(row[len(p):])
+    return x, y
+
+
+def shard(rows, rank, world):  # this rank's contiguous slice of the global batch
+    n = len(rows) // world
+    return rows[rank * n:(rank + 1) * n]
+
+
+def text_windows(data, block_size, n, rng, rank=0, world=1):
+    ix = shard([rng.randrange(len(data) - block_size) for _ in range(n)], rank, world)  # same draws on every rank
+    x = torch.stack([data[i:i + block_size] for i in ix])
+    y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])
+    return x, y
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation: multiple choice by log-likelihood, greedy exact match, held-out loss
+
+@torch.no_grad()
+def score_answers(model, prompts, answers, device="cpu", rows_per_batch=512):
+    """Per (prompt, answer): the answer's summed log-probability, and whether greedy decoding from
+    the prompt writes exactly the answer. Greedy writes it iff every answer token is the argmax
+    given the prompt and the answer so far, so one teacher-forced pass decides all rows at once."""
+    logp, exact = [], []
+    for s in range(0, len(prompts), rows_per_batch):
+        x, y = make_rows(prompts[s:s + rows_per_batch], answers[s:s + rows_per_batch])
+        logits, _ = model(x.to(device))
+        logits, y = logits.float().log_softmax(-1).cpu(), y
+        mask, target = y >= 0, y.clamp(min=0)
+        logp += (logits.gather(-1, target[..., None])[..., 0] * mask).sum(1).tolist()
+        exact += ((logits.argmax(-1) == target) | ~mask).all(1).tolist()
+    return logp, exact
+
+
+def fact_scores(model, corpus, device="cpu"):
+    """fact_mc: the true value has the highest likelihood among the attribute's candidates;
+    fact_greedy: greedy decoding writes it; fact_chance: what guessing scores at multiple choice."""
+    probes = corpus.probes
+    _, exact = score_answers(model, [p for _, p, _ in probes], [f" {v}." for _, _, v in probes], device)
+    prompts, answers = [], []
+    for attr, prompt, _ in probes:
+        prompts += [prompt] * len(ATTRIBUTES[attr][0])
+        answers += [f" {c}." for c in ATTRIBUTES[attr][0]]
+    logp, _ = score_answers(model, prompts, answers, device)
+    correct, i = 0, 0
+    for attr, _, value in probes:
+        values = ATTRIBUTES[attr][0]
+        scores = logp[i:i + len(values)]
+        correct += values[scores.index(max(scores))] == value
+        i += len(values)
+    return {"fact_mc": correct / len(probes), "fact_greedy": sum(exact) / len(probes),
+            "fact_chance": sum(1 / len(ATTRIBUTES[a][0]) for a, _, _ in probes) / len(probes)}
+
+
+def task_accuracy(model, problems, device="cpu"):
+    _, exact = score_answers(model, [p for p, _ in problems], [a for _, a in problems], device)
+    return sum(exact) / len(problems)
+
+
+@torch.no_grad()
+def estimate_loss(model, data, block_size, device="cpu", max_windows=64):
+    n = min(max_windows, (len(data) - 1) // block_size)
+    x = torch.stack([data[i * block_size:(i + 1) * block_size] for i in range(n)])
+    y = torch.stack([data[i * block_size + 1:(i + 1) * block_size + 1] for i in range(n)])
+    return model(x.to(device), y.to(device))[1].item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods: what each one trains and with which optimizer; LoRA and the L1/L2 pull toward θ0
+
+class LoRALinear(nn.Module):
+    """y = x W0ᵀ + (α/r)·x Aᵀ Bᵀ with W0 frozen; B starts at zero, so training starts at W0."""
+
+    def __init__(self, base, rank, scale=2.0):
+        super().__init__()
+        self.weight, self.scale = base.weight, scale  # same name as before: θ0 lines up
+        self.weight.requires_grad_(False)
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+
+
+def block_linears(model):  # (parent module, attribute name) of every matrix inside the blocks
+    return [(parent, name) for block in model.model.layers for parent in (block.self_attn, block.mlp)
+            for name, child in parent.named_children() if isinstance(child, (nn.Linear, LoRALinear))]
+
+
+def add_lora(model, rank):
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for parent, name in block_linears(model):
+        setattr(parent, name, LoRALinear(getattr(parent, name), rank))
+    return [p for n, p in model.named_parameters() if "lora_" in n]
+
+
+@torch.no_grad()
+def merge_lora(model):  # W = W0 + (α/r)·BA back into plain Linear layers; everything trainable
+    for parent, name in block_linears(model):
+        lora = getattr(parent, name)
+        if isinstance(lora, LoRALinear):
+            plain = nn.Linear(lora.lora_A.size(1), lora.lora_B.size(0), bias=False, device=lora.weight.device)
+            plain.weight.copy_(lora.weight + lora.scale * lora.lora_B @ lora.lora_A)
+            setattr(parent, name, plain)
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+def setup_stage(model, cfg, stage):
+    """Trainable parameters and a fresh optimizer for one task; HFT draws its half per stage."""
+    trainable = None
+    if cfg.method == "hft":
+        trainable = hft.select(model, seed=cfg.seed, stage=stage, ratio=cfg.hft_ratio, strategy=cfg.hft_strategy)
+        params = hft.apply(model, trainable)
+    elif cfg.method == "lora":
+        params = add_lora(model, cfg.rank)
+    else:
+        params = list(model.parameters())
+    kw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    if cfg.method == "mofo":
+        optimizer = MoFO(params, alpha=cfg.alpha, filter=cfg.filter, seed=cfg.seed, **kw)
+    else:
+        optimizer = torch.optim.AdamW(params, **kw)
+    return params, optimizer, trainable
+
+
+def penalty_grad(model, theta0, method, reg):
+    """Add the gradient of λ‖θ−θ0‖₁ (λ·sign) or λ‖θ−θ0‖² (2λ·Δ); the logged loss stays the task's."""
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            delta = p.detach() - theta0[name]
+            p.grad.add_(delta.sign() if method == "l1" else delta, alpha=reg if method == "l1" else 2 * reg)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training: one loop for pre-training and fine-tuning
+
+class TrainingError(Exception):
+    pass
+
+
+def get_lr(it, lr, warmup_iters, max_iters, min_ratio=0.1):  # linear warm-up, cosine to lr/10
+    if it < warmup_iters:
+        return lr * (it + 1) / warmup_iters
+    t = (it - warmup_iters) / max(1, max_iters - warmup_iters)
+    return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_clip, ctx,
+          start=0, after_backward=None, save=None, ckpt_interval=0, log_interval=50, tag="train"):
+    """Run iterations start..max_iters-1; get_batch() -> [(x, y, weight)], the loss is the weighted
+    sum. Returns (seconds, tokens). A non-finite loss stops before the step touches the weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0, tokens, last = time.time(), 0, time.time()
+    for it in range(start, max_iters):
+        for group in optimizer.param_groups:
+            group["lr"] = get_lr(it, lr, warmup_iters, max_iters)
+        loss = 0.0
+        for x, y, weight in get_batch():
+            with ctx:
+                loss = loss + weight * fwd(x, y)[1]
+            tokens += x.numel()
+        if not math.isfinite(loss.item()):
+            raise TrainingError(f"{tag}: loss is {loss.item()} at iter {it}; stopped, the last "
+                                "checkpoint on disk is intact (try a lower --lr)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        if grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        optimizer.step()
+        if log_interval and (it % log_interval == 0 or it == max_iters - 1):
+            now = time.time()
+            log(f"{tag} iter {it}: loss {loss.item():.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
+                f"{1000 * (now - last) / (log_interval if it else 1):.1f} ms/iter")
+            last = now
+        if save is not None and ckpt_interval and (it + 1) % ckpt_interval == 0 and it + 1 < max_iters:
+            save(it + 1)
+    return time.time() - t0, tokens
+
+
+def log(msg):
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(msg, flush=True)
+
+
+def setup_distributed(device):
+    """(rank, world, device). Under torchrun: one process per rank, gloo on CPU, nccl on GPU."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    if device.startswith("cuda"):
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def pick_device(name):
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    return name
+
+
+def pretrain(cfg, corpus, device, ctx, rank, world):
+    torch.manual_seed(cfg.data_seed)
+    model = TinyLlama(model_config(cfg)).to(device)
+    decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on norms, as nanoGPT
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.pretrain_weight_decay},
+                                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
+                                  lr=cfg.pretrain_lr, betas=(0.9, 0.95))
+    fwd = DDP(model) if world > 1 else model
+    rng = random.Random(f"pretrain/{cfg.data_seed}")
+    batch = lambda: [(*(t.to(device) for t in text_windows(corpus.train, cfg.block_size, cfg.pretrain_batch_size,
+                                                           rng, rank, world)), 1.0)]
+    seconds, tokens = train(fwd, model, optimizer, batch, cfg.pretrain_iters, cfg.pretrain_lr,
+                            cfg.pretrain_warmup, cfg.grad_clip, ctx, log_interval=cfg.log_interval, tag="pretrain")
+    metrics = {**fact_scores(model, corpus, device),
+               "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device),
+               "time_s": seconds, "tokens_per_s": tokens * world / seconds}
+    return {"model": model.state_dict(), "config": asdict(cfg), "metrics": metrics}
+
+
+def model_config(cfg):
+    return ModelConfig(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, len(VOCAB))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: atomic writes, clear errors for unreadable or mismatched files
+
+def save_checkpoint(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+
+
+@functools.lru_cache(maxsize=4)  # keyed by mtime: many runs in one process read the file once
+def _read(path, mtime_ns):
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"cannot read checkpoint {path} ({type(e).__name__}); delete it to start over") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ValueError(f"checkpoint {path} is not one of ours (no model/config); delete it to start over")
+    return ckpt
+
+
+def read_checkpoint(path):
+    return _read(path, os.stat(path).st_mtime_ns)
+
+
+def check_same(saved, cfg, keys, path):
+    diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
+    if diff:
+        raise ValueError(f"checkpoint {path} does not match this run: {', '.join(diff)}; "
+                         "use another --out_dir or delete it")
+
+
+def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
+    path = os.path.join(cfg.out_dir, "pretrained.pt")
+    if not os.path.exists(path):
+        log(f"no pre-trained checkpoint at {path}: pre-training one ({cfg.pretrain_iters} iters)")
+        ckpt = pretrain(cfg, corpus, device, ctx, rank, world)
+        if rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            save_checkpoint(ckpt, path)
+        if world > 1:
+            dist.barrier()
+    ckpt = read_checkpoint(path)
+    check_same(ckpt["config"], cfg, PRETRAIN_KEYS, path)
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# One run: pre-train if missing, fine-tune on each task, evaluate, write JSON
+
+def check_config(cfg):
+    def need(ok, message):
+        if not ok:
+            raise ValueError(message)
+    need(cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    tasks = cfg.tasks.split(",")
+    bad = [t for t in tasks if t not in TASKS]
+    need(not bad, f"--tasks: unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+    need(len(set(tasks)) == len(tasks), f"--tasks must not repeat a task, got {cfg.tasks!r}")
+    need(0 < cfg.alpha <= 1, f"--alpha must be in (0, 1], got {cfg.alpha}")
+    need(cfg.filter in FILTERS, f"--filter must be one of {', '.join(FILTERS)}, got {cfg.filter!r}")
+    need(0 < cfg.hft_ratio <= 1, f"--hft_ratio must be in (0, 1], got {cfg.hft_ratio}")
+    need(cfg.hft_strategy in hft.STRATEGIES, f"--hft_strategy must be one of {', '.join(hft.STRATEGIES)}, got {cfg.hft_strategy!r}")
+    need(cfg.reg == -1 or cfg.reg >= 0, f"--reg must be >= 0 (or -1 for the default), got {cfg.reg}")
+    need(cfg.rank >= 1, f"--rank must be >= 1, got {cfg.rank}")
+    need(0 <= cfg.replay < 1, f"--replay must be in [0, 1), got {cfg.replay}")
+    need(0 < cfg.filler < 1, f"--filler must be in (0, 1), got {cfg.filler}")
+    need(cfg.n_embd % cfg.n_head == 0 and cfg.n_embd // cfg.n_head % 2 == 0,
+         f"--n_embd must be a multiple of 2·n_head for rotary positions, got {cfg.n_embd} and {cfg.n_head}")
+    for k in ("n_layer", "n_head", "n_embd", "block_size", "n_people", "pretrain_iters",
+              "pretrain_batch_size", "max_iters", "batch_size", "eval_problems"):
+        need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
+    for k in ("lr", "pretrain_lr"):
+        need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
+
+
+def run(cfg: Config) -> dict:
+    """Pre-train if out_dir has no checkpoint, fine-tune on cfg.tasks in turn, evaluate; returns
+    the metrics that are also written to out_dir/<run_name>.json."""
+    check_config(cfg)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
+    if cfg.batch_size % world:
+        raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+    ctx = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    cfg = Config(**{**asdict(cfg), "reg": REG_DEFAULT.get(cfg.method, 0.0) if cfg.reg == -1 else cfg.reg})
+    name, tasks = cfg.run_name or cfg.method, cfg.tasks.split(",")
+    ckpt_path = os.path.join(cfg.out_dir, f"{name}.pt")
+    log(f"config: {json.dumps(asdict(cfg))}")
+    corpus = build_corpus(cfg.data_seed, cfg.n_people, cfg.filler)
+    pre = load_or_pretrain(cfg, corpus, device, ctx, rank, world)
+    model = TinyLlama(model_config(cfg)).to(device)
+    model.load_state_dict(pre["model"])
+    theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tests = {t: test_problems(t, cfg.data_seed, cfg.eval_problems) for t in tasks}
+    exclude = {t: {p for p, _ in tests[t]} for t in tasks}
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(f"finetune/{cfg.seed}")
+    state = {"task": 0, "iter_num": 0, "R": [], "time_s": 0.0, "tokens": 0,
+             "R0": [task_accuracy(model, tests[t], device) for t in tasks]}
+    resume = None
+    if cfg.resume:
+        if not os.path.exists(ckpt_path):
+            raise ValueError(f"--resume: no checkpoint at {ckpt_path}")
+        resume = read_checkpoint(ckpt_path)
+        check_same(resume["config"], cfg, [f.name for f in fields(Config) if f.name not in RUNTIME_KEYS], ckpt_path)
+        state = {k: resume[k] for k in state}
+        log(f"resuming {ckpt_path} at task {state['task']}, iter {state['iter_num']}")
+        if resume["iter_num"] == 0:  # saved at a task boundary: merged weights, no optimizer
+            model.load_state_dict(resume["model"])
+            torch.set_rng_state(resume["rng"]["torch"])
+            rng.setstate(resume["rng"]["data"])
+            resume = None
+
+    def checkpoint(optimizer, trainable):
+        return {"model": model.state_dict(), "optimizer": optimizer and optimizer.state_dict(),
+                "hft": trainable, "config": asdict(cfg), **state,
+                "rng": {"torch": torch.get_rng_state(), "data": rng.getstate()}}
+
+    def batch(task):
+        n_replay = round(cfg.replay * cfg.batch_size)
+        problems = []
+        while len(problems) < cfg.batch_size - n_replay:
+            prompt, answer = sample_problem(task, rng)
+            if prompt not in exclude[task]:
+                problems.append((prompt, answer))
+        x, y = make_rows(*zip(*shard(problems, rank, world)))
+        parts = [(x.to(device), y.to(device), 1 - n_replay / cfg.batch_size)]
+        if n_replay:
+            x, y = text_windows(corpus.train, cfg.block_size // 2, n_replay, rng, rank, world)
+            parts.append((x.to(device), y.to(device), n_replay / cfg.batch_size))
+        return parts
+
+    for i in range(state["task"], len(tasks)):
+        params, optimizer, trainable = setup_stage(model, cfg, i)
+        if resume is not None:  # saved mid-task: restore after the stage is set up as it was
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])
+            torch.set_rng_state(resume["rng"]["torch"])
+            rng.setstate(resume["rng"]["data"])
+            resume = None
+        fwd = torch.compile(model) if cfg.compile else model
+        fwd = DDP(fwd) if world > 1 else fwd
+        state["task"] = i
+
+        def save(iter_num):
+            state["iter_num"] = iter_num
+            if rank == 0:
+                save_checkpoint(checkpoint(optimizer, trainable), ckpt_path)
+
+        pull = (lambda: penalty_grad(model, theta0, cfg.method, cfg.reg)) if cfg.method in ("l1", "l2") else None
+        seconds, tokens = train(fwd, model, optimizer, functools.partial(batch, tasks[i]), cfg.max_iters,
+                                cfg.lr, cfg.warmup_iters, cfg.grad_clip, ctx, start=state["iter_num"],
+                                after_backward=pull, save=save, ckpt_interval=cfg.ckpt_interval,
+                                log_interval=cfg.log_interval, tag=f"{cfg.method} {tasks[i]}")
+        state["time_s"] += seconds
+        state["tokens"] += tokens * world
+        merge_lora(model)
+        state["R"].append([task_accuracy(model, tests[t], device) for t in tasks])
+        log(f"after {tasks[i]}: " + ", ".join(f"{t} {a:.1%}" for t, a in zip(tasks, state["R"][-1])))
+        state["task"], state["iter_num"] = i + 1, 0
+        if rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            save_checkpoint(checkpoint(None, trainable), ckpt_path)
+    metrics = evaluate(model, theta0, cfg, corpus, pre, state, tasks, device)
+    if rank == 0:
+        with open(os.path.join(cfg.out_dir, f"{name}.json"), "w") as f:
+            json.dump(metrics, f, indent=1)
+        print_table(metrics)
+    return metrics
+
+
+def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
+    before, after = pre["metrics"], fact_scores(model, corpus, device)
+    heldout = estimate_loss(model, corpus.heldout, cfg.block_size, device)
+    R, T = state["R"], len(tasks)
+    sq = sum(((p.detach() - theta0[n]) ** 2).sum().item() for n, p in model.named_parameters())
+    changed = sum((p.detach() != theta0[n]).sum().item() for n, p in model.named_parameters())
+    return {
+        "method": cfg.method, "tasks": tasks, "config": asdict(cfg),
+        "task_acc": R[-1][-1], "task_acc_before": state["R0"][-1], "R": R, "R0": state["R0"],
+        "OP": sum(R[-1]) / T, "BWT": sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else None,
+        "fact_mc_before": before["fact_mc"], "fact_mc_after": after["fact_mc"],
+        "fact_greedy_before": before["fact_greedy"], "fact_greedy_after": after["fact_greedy"],
+        "fact_chance": after["fact_chance"],
+        "heldout_loss_before": before["heldout_loss"], "heldout_loss_after": heldout,
+        "forget_mc": before["fact_mc"] - after["fact_mc"],
+        "forget_greedy": before["fact_greedy"] - after["fact_greedy"],
+        "heldout_loss_rise": heldout - before["heldout_loss"],
+        "dist_abs": math.sqrt(sq),
+        "dist_rel": math.sqrt(sq) / math.sqrt(sum((p ** 2).sum().item() for p in theta0.values())),
+        "frac_changed": changed / sum(p.numel() for p in theta0.values()),
+        "time_s": state["time_s"], "tokens_per_s": state["tokens"] / max(state["time_s"], 1e-9),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "pretrain_time_s": before["time_s"],
+    }
+
+
+def print_table(m):
+    pct = lambda a, b: f"{a:8.1%} {b:8.1%} {100 * (b - a):+8.1f}"
+    print(f"\n{m['method']} on {','.join(m['tasks'])}          before    after   change")
+    for t, a0, a1 in zip(m["tasks"], m["R0"], m["R"][-1]):
+        print(f"task acc ({t}){'':{14 - len(t)}} {pct(a0, a1)}")
+    print(f"facts, multiple choice  {pct(m['fact_mc_before'], m['fact_mc_after'])}   (chance {m['fact_chance']:.1%})")
+    print(f"facts, greedy recall    {pct(m['fact_greedy_before'], m['fact_greedy_after'])}   (chance 0%)")
+    print(f"held-out loss           {m['heldout_loss_before']:8.3f} {m['heldout_loss_after']:8.3f} "
+          f"{m['heldout_loss_rise']:+8.3f}")
+    if len(m["tasks"]) > 1:
+        print(f"continual: OP {m['OP']:.1%}, BWT {m['BWT']:+.1%}")
+    print(f"|θ-θ0| {m['dist_abs']:.3f} (relative {m['dist_rel']:.3f}), entries changed "
+          f"{m['frac_changed']:.1%}; fine-tuning {m['time_s']:.1f} s, {m['tokens_per_s']:,.0f} tokens/s")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: argparse generated from Config; bad input gives one line and a non-zero exit
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of the usage block
+        raise ValueError(message)
+
+
+def parse_bool(s):
+    if s.lower() in ("1", "true", "yes"):
+        return True
+    if s.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_args(argv=None):
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
+                   help="start from a named set of defaults (smoke: the whole pipeline in seconds)")
+    for f in fields(Config):
+        kind = parse_bool if isinstance(f.default, bool) else type(f.default)
+        extra = dict(nargs="?", const=True) if kind is parse_bool else {}
+        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
+                       help=f"{f.metadata['help']} (default: {f.default!r})", **extra)
+    given = vars(p.parse_args(argv))  # only the flags on the command line (defaults suppressed)
+    return Config(**{**PRESETS.get(given.pop("preset", None), {}), **given})
+
+
+def main(argv=None):
+    try:
+        run(parse_args(argv))
+    except (ValueError, TrainingError) as e:  # bad flags, checkpoints or a diverged run
+        print(f"train_tiny.py: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
