@@ -41,10 +41,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import hft
 from mofo import FILTERS, MoFO
 
-
 def opt(default, help):  # a config field with its one-line "why", shown by --help
     return field(default=default, metadata={"help": help})
-
 
 @dataclass
 class Config:
@@ -89,7 +87,6 @@ class Config:
     replay: float = opt(0.0, "fraction of each batch that is pre-training text, in [0, 1)")
     eval_problems: int = opt(500, "held-out test problems per task")
 
-
 PRESETS = {  # --preset: a named starting point; flags given on the command line still win
     "smoke": dict(out_dir="out/smoke", n_people=12, n_layer=2, n_head=2, n_embd=32, block_size=64,
                   pretrain_iters=60, pretrain_batch_size=8, pretrain_warmup=5, max_iters=20,
@@ -119,11 +116,9 @@ class ModelConfig:
     def hidden(self):  # Llama's gated MLP width, 8/3·C, rounded up to a multiple of 16
         return 16 * math.ceil(8 * self.n_embd / 3 / 16)
 
-
 def rotary(x, cos, sin):  # x (B, nh, T, hs): rotate pairs (i, i + hs/2) by pos·θ_i, as HF Llama
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-
 
 class Attention(nn.Module):
     def __init__(self, c):
@@ -139,7 +134,6 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(rotary(q, cos, sin), rotary(k, cos, sin), v, is_causal=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, C))
 
-
 class MLP(nn.Module):
     def __init__(self, c):
         super().__init__()
@@ -149,7 +143,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
 
 class Block(nn.Module):
     def __init__(self, c):
@@ -163,14 +156,12 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-
 class Decoder(nn.Module):  # the "model." prefix of Hugging Face Llama names
     def __init__(self, c):
         super().__init__()
         self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
         self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
         self.norm = nn.RMSNorm(c.n_embd, eps=1e-6)
-
 
 class TinyLlama(nn.Module):
     def __init__(self, config):
@@ -234,21 +225,17 @@ FILLER = (("old", "small", "quiet", "happy", "brave", "tired", "clever", "young"
           ("the river", "the hill", "the market", "the bridge", "the forest", "the tower",
            "the well", "the gate"))
 
-
 def encode(s):
     return [STOI[c] for c in s]
 
-
 def decode(ids):
     return "".join(VOCAB[i] for i in ids)
-
 
 @dataclass(frozen=True)
 class Corpus:
     train: torch.Tensor    # (N,) pre-training text: facts in every template, plus filler
     heldout: torch.Tensor  # (M,) narrative sentences never seen in pre-training
     probes: tuple          # (attribute, prompt, true value) for every fact, first template
-
 
 @functools.lru_cache(maxsize=4)  # a pure function of its arguments: built once per process
 def build_corpus(seed=0, n_people=150, filler=0.1):
@@ -274,7 +261,6 @@ def build_corpus(seed=0, n_people=150, filler=0.1):
         text += "\n" + "\n".join(sentences)
     return Corpus(torch.tensor(encode(text)), torch.tensor(encode("\n" + "\n".join(heldout))), tuple(probes))
 
-
 def sample_problem(task, rng):  # -> (prompt, answer); the answer ends with "." so exact match stops
     if task == "add":
         a, b = rng.randrange(100), rng.randrange(100)
@@ -288,7 +274,6 @@ def sample_problem(task, rng):  # -> (prompt, answer); the answer ends with "." 
     w, c = "".join(rng.choices("abcd", k=rng.randint(4, 6))), rng.choice("abcd")  # count
     return f"cnt {c}:{w}=", f"{w.count(c)}."
 
-
 @functools.lru_cache(maxsize=16)
 def test_problems(task, seed, n):  # distinct held-out problems; training never draws them
     rng, problems = random.Random(f"test/{task}/{seed}"), {}
@@ -296,7 +281,6 @@ def test_problems(task, seed, n):  # distinct held-out problems; training never 
         prompt, answer = sample_problem(task, rng)
         problems[prompt] = answer
     return tuple(problems.items())
-
 
 def make_rows(prompts, answers):
     """Right-padded (x, y) with targets on the answer tokens only, -1 elsewhere."""
@@ -308,11 +292,9 @@ def make_rows(prompts, answers):
         y[r, len(p) - 1:len(row) - 1] = torch.tensor(row[len(p):])
     return x, y
 
-
 def shard(rows, rank, world):  # this rank's contiguous slice of the global batch
     n = len(rows) // world
     return rows[rank * n:(rank + 1) * n]
-
 
 def text_windows(data, block_size, n, rng, rank=0, world=1):
     ix = shard([rng.randrange(len(data) - block_size) for _ in range(n)], rank, world)  # same draws on every rank
@@ -339,7 +321,6 @@ def score_answers(model, prompts, answers, device="cpu", rows_per_batch=512):
         exact += ((logits.argmax(-1) == target) | ~mask).all(1).tolist()
     return logp, exact
 
-
 def fact_scores(model, corpus, device="cpu"):
     """fact_mc: the true value has the highest likelihood among the attribute's candidates;
     fact_greedy: greedy decoding writes it; fact_chance: what guessing scores at multiple choice."""
@@ -359,11 +340,9 @@ def fact_scores(model, corpus, device="cpu"):
     return {"fact_mc": correct / len(probes), "fact_greedy": sum(exact) / len(probes),
             "fact_chance": sum(1 / len(ATTRIBUTES[a][0]) for a, _, _ in probes) / len(probes)}
 
-
 def task_accuracy(model, problems, device="cpu"):
     _, exact = score_answers(model, [p for p, _ in problems], [a for _, a in problems], device)
     return sum(exact) / len(problems)
-
 
 @torch.no_grad()
 def estimate_loss(model, data, block_size, device="cpu", max_windows=64):
@@ -390,11 +369,9 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         return F.linear(x, self.weight) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
 
-
 def block_linears(model):  # (parent module, attribute name) of every matrix inside the blocks
     return [(parent, name) for block in model.model.layers for parent in (block.self_attn, block.mlp)
             for name, child in parent.named_children() if isinstance(child, (nn.Linear, LoRALinear))]
-
 
 def add_lora(model, rank):
     for p in model.parameters():
@@ -402,7 +379,6 @@ def add_lora(model, rank):
     for parent, name in block_linears(model):
         setattr(parent, name, LoRALinear(getattr(parent, name), rank))
     return [p for n, p in model.named_parameters() if "lora_" in n]
-
 
 @torch.no_grad()
 def merge_lora(model):  # W = W0 + (α/r)·BA back into plain Linear layers; everything trainable
@@ -414,7 +390,6 @@ def merge_lora(model):  # W = W0 + (α/r)·BA back into plain Linear layers; eve
             setattr(parent, name, plain)
     for p in model.parameters():
         p.requires_grad_(True)
-
 
 def setup_stage(model, cfg, stage):
     """Trainable parameters and a fresh optimizer for one task; HFT draws its half per stage."""
@@ -433,7 +408,6 @@ def setup_stage(model, cfg, stage):
         optimizer = torch.optim.AdamW(params, **kw)
     return params, optimizer, trainable
 
-
 def penalty_grad(model, theta0, method, reg):
     """Add the gradient of λ‖θ−θ0‖₁ (λ·sign) or λ‖θ−θ0‖² (2λ·Δ); the logged loss stays the task's."""
     for name, p in model.named_parameters():
@@ -448,13 +422,11 @@ def penalty_grad(model, theta0, method, reg):
 class TrainingError(Exception):
     pass
 
-
 def get_lr(it, lr, warmup_iters, max_iters, min_ratio=0.1):  # linear warm-up, cosine to lr/10
     if it < warmup_iters:
         return lr * (it + 1) / warmup_iters
     t = (it - warmup_iters) / max(1, max_iters - warmup_iters)
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
-
 
 def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_clip, ctx,
           start=0, after_backward=None, save=None, ckpt_interval=0, log_interval=50, tag="train"):
@@ -489,11 +461,9 @@ def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_cl
             save(it + 1)
     return time.time() - t0, tokens
 
-
 def log(msg):
     if int(os.environ.get("RANK", 0)) == 0:
         print(msg, flush=True)
-
 
 def setup_distributed(device):
     """(rank, world, device). Under torchrun: one process per rank, gloo on CPU, nccl on GPU."""
@@ -506,12 +476,10 @@ def setup_distributed(device):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
-
 def pick_device(name):
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     return name
-
 
 def pretrain(cfg, corpus, device, ctx, rank, world):
     torch.manual_seed(cfg.data_seed)
@@ -531,7 +499,6 @@ def pretrain(cfg, corpus, device, ctx, rank, world):
                "time_s": seconds, "tokens_per_s": tokens * world / seconds}
     return {"model": model.state_dict(), "config": asdict(cfg), "metrics": metrics}
 
-
 def model_config(cfg):
     return ModelConfig(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, len(VOCAB))
 
@@ -544,7 +511,6 @@ def save_checkpoint(obj, path):
     torch.save(obj, tmp)
     os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
 
-
 @functools.lru_cache(maxsize=4)  # keyed by mtime: many runs in one process read the file once
 def _read(path, mtime_ns):
     try:
@@ -555,17 +521,14 @@ def _read(path, mtime_ns):
         raise ValueError(f"checkpoint {path} is not one of ours (no model/config); delete it to start over")
     return ckpt
 
-
 def read_checkpoint(path):
     return _read(path, os.stat(path).st_mtime_ns)
-
 
 def check_same(saved, cfg, keys, path):
     diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
     if diff:
         raise ValueError(f"checkpoint {path} does not match this run: {', '.join(diff)}; "
                          "use another --out_dir or delete it")
-
 
 def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
     path = os.path.join(cfg.out_dir, "pretrained.pt")
@@ -609,7 +572,6 @@ def check_config(cfg):
         need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
     for k in ("lr", "pretrain_lr"):
         need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
-
 
 def run(cfg: Config) -> dict:
     """Pre-train if out_dir has no checkpoint, fine-tune on cfg.tasks in turn, evaluate; returns
@@ -705,7 +667,6 @@ def run(cfg: Config) -> dict:
         print_table(metrics)
     return metrics
 
-
 def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
     before, after = pre["metrics"], fact_scores(model, corpus, device)
     heldout = estimate_loss(model, corpus.heldout, cfg.block_size, device)
@@ -731,7 +692,6 @@ def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
         "pretrain_time_s": before["time_s"],
     }
 
-
 def print_table(m):
     pct = lambda a, b: f"{a:8.1%} {b:8.1%} {100 * (b - a):+8.1f}"
     print(f"\n{m['method']} on {','.join(m['tasks'])}          before    after   change")
@@ -754,14 +714,12 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of the usage block
         raise ValueError(message)
 
-
 def parse_bool(s):
     if s.lower() in ("1", "true", "yes"):
         return True
     if s.lower() in ("0", "false", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -775,7 +733,6 @@ def parse_args(argv=None):
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults suppressed)
     return Config(**{**PRESETS.get(given.pop("preset", None), {}), **given})
 
-
 def main(argv=None):
     try:
         run(parse_args(argv))
@@ -786,7 +743,6 @@ def main(argv=None):
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,225 @@
+"""Tests for train_tiny.py: the smoke pipeline end to end, bitwise resume, DDP == one process,
+a deterministic corpus, probes that score a perfect model 100 % and a random one at chance, and
+one-line errors for bad input."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_tiny as tt  # noqa: E402
+
+SMOKE = tt.Config(**tt.PRESETS["smoke"])
+
+
+@pytest.fixture(scope="module")
+def smoke_dir(tmp_path_factory):
+    """A smoke out_dir with a pre-trained checkpoint, shared by the tests below."""
+    out = tmp_path_factory.mktemp("smoke")
+    metrics = tt.run(replace(SMOKE, out_dir=str(out), method="full"))
+    return out, metrics
+
+
+def states_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_smoke_pipeline(smoke_dir):
+    out, metrics = smoke_dir
+    corpus = tt.build_corpus(SMOKE.data_seed, SMOKE.n_people, SMOKE.filler)
+    torch.manual_seed(0)
+    fresh = tt.TinyLlama(tt.model_config(SMOKE))
+    x, y = tt.text_windows(corpus.train, SMOKE.block_size, 16, __import__("random").Random(0))
+    initial = fresh(x, y)[1].item()
+    assert abs(initial - math.log(len(tt.VOCAB))) < 0.1  # an untrained model guesses uniformly
+    assert metrics["heldout_loss_before"] < initial - 1.0  # pre-training lowered the loss
+    on_disk = json.loads((out / "full.json").read_text())
+    for key in ("task_acc", "task_acc_before", "R", "OP", "BWT", "fact_mc_before", "fact_mc_after",
+                "fact_greedy_before", "fact_greedy_after", "fact_chance", "heldout_loss_before",
+                "heldout_loss_after", "forget_mc", "forget_greedy", "heldout_loss_rise", "dist_abs",
+                "dist_rel", "frac_changed", "time_s", "tokens_per_s", "peak_rss_mb", "pretrain_time_s"):
+        assert key in on_disk, key
+    assert on_disk["config"]["method"] == "full" and on_disk["dist_abs"] > 0
+    assert 0 < on_disk["frac_changed"] <= 1 and on_disk["tokens_per_s"] > 0
+    assert on_disk["fact_chance"] == pytest.approx((1 / 12 + 1 / 10 + 1 / 8 + 1 / 8) / 4)
+    ckpt = torch.load(out / "full.pt", weights_only=True)
+    assert {"model", "optimizer", "hft", "iter_num", "rng", "config"} <= ckpt.keys()
+    assert not list(out.glob("*.tmp"))
+
+
+def test_finetuning_loss_falls(smoke_dir):
+    out, _ = smoke_dir
+    cfg = replace(SMOKE, out_dir=str(out), method="full", run_name="long", max_iters=60, lr=3e-3)
+    m = tt.run(cfg)
+    ckpt = tt.read_checkpoint(str(out / "long.pt"))
+    assert ckpt["iter_num"] == 0 and ckpt["task"] == 1
+    model = tt.TinyLlama(tt.model_config(cfg))
+    model.load_state_dict(ckpt["model"])
+    problems = tt.test_problems("add", cfg.data_seed, 40)
+    x, y = tt.make_rows([p for p, _ in problems], [a for _, a in problems])
+    pre = tt.TinyLlama(tt.model_config(cfg))
+    pre.load_state_dict(tt.read_checkpoint(str(out / "pretrained.pt"))["model"])
+    assert model(x, y)[1].item() < pre(x, y)[1].item() - 1.0
+    assert m["dist_rel"] > 0
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method,crash_at", [("mofo", 1), ("hft", 4), ("lora", 3)])
+def test_resume_is_bitwise(smoke_dir, monkeypatch, method, crash_at):
+    """Crash right after the crash_at-th checkpoint (mid-task or at a task boundary), resume, and
+    end with exactly the weights and metrics of a run that was never stopped."""
+    out, _ = smoke_dir
+    cfg = replace(SMOKE, out_dir=str(out), method=method, tasks="add,reverse", max_iters=8,
+                  ckpt_interval=3, filter="random", log_interval=0)
+    whole = tt.run(replace(cfg, run_name=f"{method}_whole"))
+    real, saves = tt.save_checkpoint, []
+
+    def crashing(obj, path):
+        real(obj, path)
+        saves.append(path)
+        if len(saves) == crash_at:
+            raise Crash
+
+    monkeypatch.setattr(tt, "save_checkpoint", crashing)
+    with pytest.raises(Crash):
+        tt.run(replace(cfg, run_name=f"{method}_cut"))
+    monkeypatch.setattr(tt, "save_checkpoint", real)
+    resumed = tt.run(replace(cfg, run_name=f"{method}_cut", resume=True))
+    a = tt.read_checkpoint(str(out / f"{method}_whole.pt"))
+    b = tt.read_checkpoint(str(out / f"{method}_cut.pt"))
+    assert states_equal(a["model"], b["model"])
+    assert a["hft"] == b["hft"] and (method != "hft" or a["hft"])
+    for key in ("R", "fact_mc_after", "fact_greedy_after", "heldout_loss_after", "dist_abs"):
+        assert whole[key] == resumed[key], key
+
+
+DDP_SCRIPT = """
+import sys; sys.path.insert(0, {root!r})
+from dataclasses import replace
+import train_tiny as tt
+for method in ("full", "mofo", "hft"):
+    tt.run(replace(tt.Config(**tt.PRESETS["smoke"]), out_dir={out!r}, method=method,
+                   run_name="ddp_" + method, max_iters=6, batch_size=8, log_interval=0))
+"""
+
+
+def test_ddp_equals_one_process(smoke_dir, tmp_path):
+    out, _ = smoke_dir
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(out)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for method in ("full", "mofo", "hft"):
+        tt.run(replace(SMOKE, out_dir=str(out), method=method, run_name="one_" + method, max_iters=6,
+                       batch_size=8, log_interval=0))
+        a = tt.read_checkpoint(str(out / f"ddp_{method}.pt"))["model"]
+        b = tt.read_checkpoint(str(out / f"one_{method}.pt"))["model"]
+        theta0 = tt.read_checkpoint(str(out / "pretrained.pt"))["model"]
+        assert not states_equal(b, theta0)  # it trained
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{method} {k}")
+
+
+def test_corpus_is_deterministic():
+    build = tt.build_corpus.__wrapped__  # bypass the cache: really build it twice
+    a, b, c = build(0, 20, 0.1), build(0, 20, 0.1), build(1, 20, 0.1)
+    assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout) and a.probes == b.probes
+    assert not torch.equal(a.train, c.train) and a.probes != c.probes
+    assert len(a.probes) == 4 * 20
+    text = tt.decode(a.train.tolist())
+    for attr, prompt, value in a.probes:  # every probed fact is stated in pre-training text
+        assert f"{prompt[1:]} {value}." in text
+    held = set(tt.decode(a.heldout.tolist()).split("\n")[1:])
+    assert held and not held & set(text.split("\n"))  # held-out sentences never seen
+    for task in tt.TASKS:
+        problems = tt.test_problems.__wrapped__(task, 0, 50)
+        assert problems == tt.test_problems.__wrapped__(task, 0, 50)
+        assert len({p for p, _ in problems}) == 50
+
+
+class Oracle(torch.nn.Module):
+    """A fake model that knows the right continuation of every given string: logits put all mass
+    on the true next character after a known prefix, and are uniform anywhere else."""
+
+    def __init__(self, texts):
+        super().__init__()
+        self.next = {text[:i]: text[i] for text in texts for i in range(1, len(text))}
+
+    def forward(self, idx, targets=None):
+        logits = torch.zeros(*idx.shape, len(tt.VOCAB))
+        where = [(b, t, tt.STOI[self.next[s[:t + 1]]]) for b, s in enumerate(map(tt.decode, idx.tolist()))
+                 for t in range(len(s)) if s[:t + 1] in self.next]
+        logits[tuple(torch.tensor(where).T)] = 50.0
+        return logits, None
+
+
+def test_probes_score_perfect_model_100_and_random_model_at_chance():
+    corpus = tt.build_corpus(0, 100, 0.1)
+    oracle = Oracle([p + f" {v}." for _, p, v in corpus.probes])
+    scores = tt.fact_scores(oracle, corpus)
+    assert scores["fact_mc"] == 1.0 and scores["fact_greedy"] == 1.0
+    problems = tt.test_problems("add", 0, 100)
+    assert tt.task_accuracy(Oracle([p + a for p, a in problems]), problems) == 1.0
+    torch.manual_seed(0)
+    random_model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 64, len(tt.VOCAB)))
+    scores = tt.fact_scores(random_model, corpus)
+    assert scores["fact_greedy"] == 0.0
+    assert abs(scores["fact_mc"] - scores["fact_chance"]) < 0.06  # 400 probes: chance ± noise
+    assert tt.task_accuracy(random_model, problems) == 0.0
+
+
+def test_help_lists_every_flag_with_default(capsys):
+    with pytest.raises(SystemExit) as e:
+        tt.parse_args(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for f in tt.fields(tt.Config):
+        assert f"--{f.name}" in text and f"(default: {f.default!r})" in text, f.name
+
+
+def test_flags_override_the_preset():
+    cfg = tt.parse_args(["--preset", "smoke", "--n_embd", "48", "--compile"])
+    assert cfg.n_embd == 48 and cfg.n_layer == 2 and cfg.compile is True
+
+
+def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
+    out, _ = smoke_dir
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "pretrained.pt").write_bytes(b"not a checkpoint")
+    smoke = ["--preset", "smoke", "--out_dir", str(out)]
+    cases = {
+        "method": (smoke + ["--method", "sgd"], "--method"),
+        "alpha": (smoke + ["--alpha", "1.5"], "--alpha"),
+        "task": (smoke + ["--tasks", "add,divide"], "divide"),
+        "flag": (smoke + ["--no_such_flag", "1"], "no_such_flag"),
+        "type": (smoke + ["--alpha", "much"], "alpha"),
+        "corrupt": (["--preset", "smoke", "--out_dir", str(corrupt)], "cannot read checkpoint"),
+        "mismatch": (smoke + ["--n_embd", "64"], "n_embd=32"),
+        "resume": (smoke + ["--run_name", "never_ran", "--resume"], "no checkpoint"),
+        "nan": (smoke + ["--run_name", "nan", "--lr", "1e30", "--ckpt_interval", "1"], "loss is nan"),
+    }
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "train_tiny.py"), *argv], text=True,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for name, (argv, _) in cases.items()}
+    for name, proc in procs.items():
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0, name
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("train_tiny.py: error:"), (name, err)
+        assert cases[name][1] in lines[0], (name, lines[0])
+    # the diverged run left its last checkpoint readable and no half-written file
+    assert tt.read_checkpoint(str(out / "nan.pt"))["iter_num"] >= 1 and not list(out.glob("*.tmp"))
