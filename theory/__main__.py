@@ -55,14 +55,14 @@ def main():
     print(f"config: {cfg}\nrelative round-off tolerance RTOL = {RTOL:g}\n")
     t0 = time.time()
 
-    print("## Losses (L and f* derived by sympy from each formula)\n")
+    print("### Losses (L and f* derived by sympy from each formula)\n")
     print(table(["loss", "d", "L", "f* (exact or lower bound)", "where from"],
                 [[l.name, l.d, f"{l.L:.4g}", f"{l.f_star:g} ({'exact' if l.f_star_exact else 'lower bound'})",
                   l.notes] for l in grid_losses(cfg)]))
 
     rows = run_config(cfg)
     total = sum(r["runs"] for r in rows)
-    print(f"\n## GD-MoFO inside the theorem: {total} runs × {cfg.steps} steps, "
+    print(f"\n### GD-MoFO inside the theorem: {total} runs × {cfg.steps} steps, "
           f"alpha in {cfg.alphas}, eta*L in {cfg.eta_factors}, seeds {cfg.seeds}\n")
     print("worst lemma slack = min over steps and blocks of ‖g⊙γ‖²/‖g‖² − α (≥ 0 claimed); "
           "worst descent slack = min of [f_t − η(1−Lη/2)‖g⊙γ‖² − f_{t+1}] / (|f_t|+|f_{t+1}|+η‖g⊙γ‖²) "
@@ -75,7 +75,7 @@ def main():
                   f"{r['worst_descent_slack']:.3g}", f"{r['max_tightness']:.3g}"]
                  for r in group(rows, ("loss", "d", "partition"))]))
 
-    print("\n### By α: smallest kept share ‖g⊙γ‖²/‖g‖² of any block at any step (≥ α claimed), "
+    print("\n#### By α: smallest kept share ‖g⊙γ‖²/‖g‖² of any block at any step (≥ α claimed), "
           "and max tightness for each η·L (≤ 1 claimed); over all losses, dims, partitions, seeds\n")
     by = {(r["alpha"], r["eta_L"]): r["max_tightness"] for r in group(rows, ("alpha", "eta_L"))}
     share = {r["alpha"]: r["alpha"] + r["worst_lemma_slack"] for r in group(rows, ("alpha",))}
@@ -83,12 +83,12 @@ def main():
                 [[a, f"{share[a]:.3g}", *(f"{by[(a, c)]:.3g}" for c in cfg.eta_factors)]
                  for a in cfg.alphas]))
 
-    print("\n## Negative control: η = 2.1/L on the quadratic (d = 100, one block), outside the theorem\n")
-    print(table(["α", "runs", "lemma / descent / monotone / bound violations", "f(θ_100)/f(θ_0), min over seeds"],
+    print("\n### Negative control: η = 2.1/L on the quadratic (d = 100, one block), outside the theorem\n")
+    print(table(["α", "runs", "lemma / descent / monotone / bound violations", "f(θ_100)/f(θ_0), max over seeds"],
                 [[r["alpha"], r["runs"], " / ".join(str(r[k]) for k in VIOLATIONS), f"{r['f_growth']:.3g}"]
                  for r in negative_control()]))
 
-    print("\n## The checks can fail: deliberately broken inputs, same grid of α and η·L, seeds as above\n")
+    print("\n### The checks can fail: deliberately broken inputs, same grid of α and η·L, seeds as above\n")
     broken = []
     bad_floor = run_config(cfg, step=floor_rounded_step)
     broken.append(["mask with k = ⌊α n_b⌋, no max(1, k)", *[sum(r[k] for r in bad_floor) for k in VIOLATIONS]])
@@ -103,7 +103,7 @@ def main():
           f"k = ⌊αn⌋ = {fc['k_floor']} keeps a share {fc['share_floor']:.4f} of ‖g‖² (< α), "
           f"k = ⌈αn⌉ = {fc['k_ceil']} keeps {fc['share_ceil']:.4f} (≥ α)")
 
-    print(f"\n## Adam-based MoFO (mofo.MoFO, lr = {args.adam_lr}, {args.adam_steps} steps, d = {args.adam_d}, "
+    print(f"\n### Adam-based MoFO (mofo.MoFO, lr = {args.adam_lr}, {args.adam_steps} steps, d = {args.adam_d}, "
           "'several' blocks, seed 0): observed, no bound claimed\n")
     adam_rows = []
     for name in cfg.losses:
