@@ -1,19 +1,16 @@
 """The tiny forgetting experiment: pre-train a small Llama-style transformer on an invented world,
 fine-tune it on a new skill six ways, and measure what it learned and what it forgot.
 
-Methods (one flag each, same pre-trained checkpoint, same data order):
-  full   AdamW on every weight.
-  mofo   MoFO (Chen et al., arXiv 2407.20999, Algorithm 1): Adam whose update moves only the α
-         fraction of each tensor's entries with the largest momentum (mofo.py).
+  full   AdamW on every weight;          l1/l2  loss + λ‖θ − θ0‖₁ or λ‖θ − θ0‖² (pull toward θ0);
+  mofo   MoFO (Chen et al., arXiv 2407.20999, Algorithm 1): Adam moving only the α fraction of each
+         tensor's entries with the largest momentum (mofo.py);
   hft    Half Fine-Tuning (Hui et al., arXiv 2404.18466): a random half of each block's matrices
-         frozen for the stage, drawn anew per task (hft.py).
-  l1/l2  loss + λ‖θ − θ0‖₁ or λ‖θ − θ0‖², a pull toward the pre-trained weights θ0.
-  lora   LoRA (Hu et al., arXiv 2106.09685): W0 + (α/r)·BA on every block matrix, merged for eval.
+         frozen per task (hft.py);
+  lora   LoRA (Hu et al., arXiv 2106.09685): W0 + (α/r)·BA on every block matrix, merged for eval;
   --replay mixes pre-training text into the batches: the reference that needs the old data.
-
-Knowledge is scored as the papers' benchmarks score it (lm-eval on MMLU/ARC): multiple choice by
-log-likelihood over each attribute's candidate values (primary), greedy exact recall (secondary);
-general language by the loss on held-out text. Forgetting is the drop from the pre-trained model.
+Knowledge is scored as lm-eval scores MMLU/ARC: multiple choice by log-likelihood over each
+attribute's candidate values (primary), greedy exact recall (secondary); general language by the
+loss on held-out text. Forgetting is the drop from the pre-trained model.
 
     python train_tiny.py --method mofo --alpha 0.1      # pre-trains once (cached), then fine-tunes
     python train_tiny.py --method full --tasks add,reverse,sort,count
@@ -30,7 +27,7 @@ import string
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import torch
 import torch.distributed as dist
@@ -156,18 +153,14 @@ class Block(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-class Decoder(nn.Module):  # the "model." prefix of Hugging Face Llama names
-    def __init__(self, c):
-        super().__init__()
-        self.embed_tokens = nn.Embedding(c.vocab_size, c.n_embd)
-        self.layers = nn.ModuleList(Block(c) for _ in range(c.n_layer))
-        self.norm = nn.RMSNorm(c.n_embd, eps=1e-6)
-
 class TinyLlama(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.model = Decoder(config)
+        self.model = nn.ModuleDict(dict(  # the "model." prefix of Hugging Face Llama names
+            embed_tokens=nn.Embedding(config.vocab_size, config.n_embd),
+            layers=nn.ModuleList(Block(config) for _ in range(config.n_layer)),
+            norm=nn.RMSNorm(config.n_embd, eps=1e-6)))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         hs = config.n_embd // config.n_head
         angle = torch.outer(torch.arange(config.block_size).float(),
@@ -314,41 +307,35 @@ def score_answers(model, prompts, answers, device="cpu", rows_per_batch=512):
     logp, exact = [], []
     for s in range(0, len(prompts), rows_per_batch):
         x, y = make_rows(prompts[s:s + rows_per_batch], answers[s:s + rows_per_batch])
-        logits, _ = model(x.to(device))
-        logits, y = logits.float().log_softmax(-1).cpu(), y
+        logits = model(x.to(device))[0].float().log_softmax(-1).cpu()  # (B, T, V)
         mask, target = y >= 0, y.clamp(min=0)
         logp += (logits.gather(-1, target[..., None])[..., 0] * mask).sum(1).tolist()
         exact += ((logits.argmax(-1) == target) | ~mask).all(1).tolist()
     return logp, exact
 
 def fact_scores(model, corpus, device="cpu"):
-    """fact_mc: the true value has the highest likelihood among the attribute's candidates;
-    fact_greedy: greedy decoding writes it; fact_chance: what guessing scores at multiple choice."""
-    probes = corpus.probes
-    _, exact = score_answers(model, [p for _, p, _ in probes], [f" {v}." for _, _, v in probes], device)
-    prompts, answers = [], []
-    for attr, prompt, _ in probes:
-        prompts += [prompt] * len(ATTRIBUTES[attr][0])
-        answers += [f" {c}." for c in ATTRIBUTES[attr][0]]
-    logp, _ = score_answers(model, prompts, answers, device)
-    correct, i = 0, 0
-    for attr, _, value in probes:
-        values = ATTRIBUTES[attr][0]
-        scores = logp[i:i + len(values)]
-        correct += values[scores.index(max(scores))] == value
-        i += len(values)
-    return {"fact_mc": correct / len(probes), "fact_greedy": sum(exact) / len(probes),
-            "fact_chance": sum(1 / len(ATTRIBUTES[a][0]) for a, _, _ in probes) / len(probes)}
+    """fact_mc: the true value is the most likely of the attribute's candidates (lm-eval's multiple
+    choice); fact_greedy: greedy decoding writes it; fact_chance: what guessing scores at MC."""
+    rows = [(prompt, f" {c}.", c == value) for attr, prompt, value in corpus.probes for c in ATTRIBUTES[attr][0]]
+    logp, exact = score_answers(model, [r[0] for r in rows], [r[1] for r in rows], device)
+    mc, greedy, i = 0, 0, 0
+    for attr, _, value in corpus.probes:
+        n = len(ATTRIBUTES[attr][0])
+        best = max(range(i, i + n), key=logp.__getitem__)
+        mc += rows[best][2]
+        greedy += next(exact[j] for j in range(i, i + n) if rows[j][2])  # the true value's row
+        i += n
+    n = len(corpus.probes)
+    return {"fact_mc": mc / n, "fact_greedy": greedy / n,
+            "fact_chance": sum(1 / len(ATTRIBUTES[a][0]) for a, _, _ in corpus.probes) / n}
 
 def task_accuracy(model, problems, device="cpu"):
-    _, exact = score_answers(model, [p for p, _ in problems], [a for _, a in problems], device)
-    return sum(exact) / len(problems)
+    return sum(score_answers(model, *zip(*problems), device)[1]) / len(problems)
 
 @torch.no_grad()
 def estimate_loss(model, data, block_size, device="cpu", max_windows=64):
     n = min(max_windows, (len(data) - 1) // block_size)
-    x = torch.stack([data[i * block_size:(i + 1) * block_size] for i in range(n)])
-    y = torch.stack([data[i * block_size + 1:(i + 1) * block_size + 1] for i in range(n)])
+    x, y = (torch.stack([data[i * block_size + o:(i + 1) * block_size + o] for i in range(n)]) for o in (0, 1))
     return model(x.to(device), y.to(device))[1].item()
 
 
@@ -374,8 +361,7 @@ def block_linears(model):  # (parent module, attribute name) of every matrix ins
             for name, child in parent.named_children() if isinstance(child, (nn.Linear, LoRALinear))]
 
 def add_lora(model, rank):
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     for parent, name in block_linears(model):
         setattr(parent, name, LoRALinear(getattr(parent, name), rank))
     return [p for n, p in model.named_parameters() if "lora_" in n]
@@ -388,25 +374,20 @@ def merge_lora(model):  # W = W0 + (α/r)·BA back into plain Linear layers; eve
             plain = nn.Linear(lora.lora_A.size(1), lora.lora_B.size(0), bias=False, device=lora.weight.device)
             plain.weight.copy_(lora.weight + lora.scale * lora.lora_B @ lora.lora_A)
             setattr(parent, name, plain)
-    for p in model.parameters():
-        p.requires_grad_(True)
+    model.requires_grad_(True)
 
 def setup_stage(model, cfg, stage):
     """Trainable parameters and a fresh optimizer for one task; HFT draws its half per stage."""
-    trainable = None
+    trainable, params = None, list(model.parameters())
     if cfg.method == "hft":
         trainable = hft.select(model, seed=cfg.seed, stage=stage, ratio=cfg.hft_ratio, strategy=cfg.hft_strategy)
         params = hft.apply(model, trainable)
     elif cfg.method == "lora":
         params = add_lora(model, cfg.rank)
-    else:
-        params = list(model.parameters())
     kw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     if cfg.method == "mofo":
-        optimizer = MoFO(params, alpha=cfg.alpha, filter=cfg.filter, seed=cfg.seed, **kw)
-    else:
-        optimizer = torch.optim.AdamW(params, **kw)
-    return params, optimizer, trainable
+        return params, MoFO(params, alpha=cfg.alpha, filter=cfg.filter, seed=cfg.seed, **kw), trainable
+    return params, torch.optim.AdamW(params, **kw), trainable
 
 def penalty_grad(model, theta0, method, reg):
     """Add the gradient of λ‖θ−θ0‖₁ (λ·sign) or λ‖θ−θ0‖² (2λ·Δ); the logged loss stays the task's."""
@@ -417,9 +398,9 @@ def penalty_grad(model, theta0, method, reg):
 
 
 # ----------------------------------------------------------------------------------------------
-# Training: one loop for pre-training and fine-tuning
+# Training: one loop for pre-training and fine-tuning, single process or DDP
 
-class TrainingError(Exception):
+class TrainingError(Exception):  # the loss diverged; the checkpoint on disk is the last good one
     pass
 
 def get_lr(it, lr, warmup_iters, max_iters, min_ratio=0.1):  # linear warm-up, cosine to lr/10
@@ -430,10 +411,10 @@ def get_lr(it, lr, warmup_iters, max_iters, min_ratio=0.1):  # linear warm-up, c
 
 def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_clip, ctx,
           start=0, after_backward=None, save=None, ckpt_interval=0, log_interval=50, tag="train"):
-    """Run iterations start..max_iters-1; get_batch() -> [(x, y, weight)], the loss is the weighted
-    sum. Returns (seconds, tokens). A non-finite loss stops before the step touches the weights."""
+    """Iterations start..max_iters-1; get_batch() -> [(x, y, weight)], the loss is the weighted sum.
+    Returns (seconds, tokens). A non-finite loss stops the run before the step touches the weights."""
     params = [p for p in model.parameters() if p.requires_grad]
-    t0, tokens, last = time.time(), 0, time.time()
+    t0, tokens, last = time.time(), 0, (time.time(), start)
     for it in range(start, max_iters):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(it, lr, warmup_iters, max_iters)
@@ -453,15 +434,14 @@ def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_cl
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
         if log_interval and (it % log_interval == 0 or it == max_iters - 1):
-            now = time.time()
             log(f"{tag} iter {it}: loss {loss.item():.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
-                f"{1000 * (now - last) / (log_interval if it else 1):.1f} ms/iter")
-            last = now
+                f"{1000 * (time.time() - last[0]) / (it + 1 - last[1]):.1f} ms/iter")
+            last = (time.time(), it + 1)
         if save is not None and ckpt_interval and (it + 1) % ckpt_interval == 0 and it + 1 < max_iters:
             save(it + 1)
     return time.time() - t0, tokens
 
-def log(msg):
+def log(msg):  # rank 0 speaks for all
     if int(os.environ.get("RANK", 0)) == 0:
         print(msg, flush=True)
 
@@ -476,43 +456,36 @@ def setup_distributed(device):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
-def pick_device(name):
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    return name
+def model_config(cfg):
+    return ModelConfig(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, len(VOCAB))
 
 def pretrain(cfg, corpus, device, ctx, rank, world):
     torch.manual_seed(cfg.data_seed)
     model = TinyLlama(model_config(cfg)).to(device)
-    decay = [p for p in model.parameters() if p.dim() >= 2]  # no decay on norms, as nanoGPT
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.pretrain_weight_decay},
-                                   {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}],
-                                  lr=cfg.pretrain_lr, betas=(0.9, 0.95))
-    fwd = DDP(model) if world > 1 else model
+    groups = [{"params": [p for p in model.parameters() if p.dim() >= 2]},  # no decay on norms, as nanoGPT
+              {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=cfg.pretrain_weight_decay)
     rng = random.Random(f"pretrain/{cfg.data_seed}")
-    batch = lambda: [(*(t.to(device) for t in text_windows(corpus.train, cfg.block_size, cfg.pretrain_batch_size,
-                                                           rng, rank, world)), 1.0)]
-    seconds, tokens = train(fwd, model, optimizer, batch, cfg.pretrain_iters, cfg.pretrain_lr,
-                            cfg.pretrain_warmup, cfg.grad_clip, ctx, log_interval=cfg.log_interval, tag="pretrain")
-    metrics = {**fact_scores(model, corpus, device),
-               "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device),
-               "time_s": seconds, "tokens_per_s": tokens * world / seconds}
+    batch = lambda: [(*(t.to(device) for t in text_windows(
+        corpus.train, cfg.block_size, cfg.pretrain_batch_size, rng, rank, world)), 1.0)]
+    seconds, tokens = train(DDP(model) if world > 1 else model, model, optimizer, batch, cfg.pretrain_iters,
+                            cfg.pretrain_lr, cfg.pretrain_warmup, cfg.grad_clip, ctx,
+                            log_interval=cfg.log_interval, tag="pretrain")
+    metrics = {**fact_scores(model, corpus, device), "time_s": seconds, "tokens_per_s": tokens * world / seconds,
+               "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device)}
+    log(f"pre-trained in {seconds:.0f} s: facts {metrics['fact_mc']:.1%} multiple choice, "
+        f"{metrics['fact_greedy']:.1%} greedy; held-out loss {metrics['heldout_loss']:.3f}")
     return {"model": model.state_dict(), "config": asdict(cfg), "metrics": metrics}
-
-def model_config(cfg):
-    return ModelConfig(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, len(VOCAB))
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, clear errors for unreadable or mismatched files
+# Checkpoints: atomic writes, one clear error for an unreadable or mismatched file
 
 def save_checkpoint(obj, path):
-    tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)  # atomic: a crash mid-write leaves the previous checkpoint intact
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)  # atomic: a crash mid-write leaves the previous file intact
 
-@functools.lru_cache(maxsize=4)  # keyed by mtime: many runs in one process read the file once
-def _read(path, mtime_ns):
+def read_checkpoint(path):
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
@@ -521,14 +494,14 @@ def _read(path, mtime_ns):
         raise ValueError(f"checkpoint {path} is not one of ours (no model/config); delete it to start over")
     return ckpt
 
-def read_checkpoint(path):
-    return _read(path, os.stat(path).st_mtime_ns)
+@functools.lru_cache(maxsize=4)  # keyed by mtime: many runs in one process read it once
+def read_pretrained(path, mtime_ns):
+    return read_checkpoint(path)
 
 def check_same(saved, cfg, keys, path):
     diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
     if diff:
-        raise ValueError(f"checkpoint {path} does not match this run: {', '.join(diff)}; "
-                         "use another --out_dir or delete it")
+        raise ValueError(f"checkpoint {path} does not match this run: {', '.join(diff)}; use another --out_dir or delete it")
 
 def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
     path = os.path.join(cfg.out_dir, "pretrained.pt")
@@ -540,48 +513,46 @@ def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
             save_checkpoint(ckpt, path)
         if world > 1:
             dist.barrier()
-    ckpt = read_checkpoint(path)
+    ckpt = read_pretrained(path, os.stat(path).st_mtime_ns)
     check_same(ckpt["config"], cfg, PRETRAIN_KEYS, path)
     return ckpt
 
 
 # ----------------------------------------------------------------------------------------------
-# One run: pre-train if missing, fine-tune on each task, evaluate, write JSON
+# One run: pre-train if missing, fine-tune on each task in turn, evaluate, write JSON
 
 def check_config(cfg):
-    def need(ok, message):
+    tasks, ints = cfg.tasks.split(","), ("n_layer", "n_head", "n_embd", "block_size", "n_people",
+                                         "pretrain_iters", "pretrain_batch_size", "max_iters", "batch_size", "eval_problems")
+    checks = [
+        (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}"),
+        (set(tasks) <= set(TASKS), f"--tasks: unknown task in {cfg.tasks!r}; choose from {', '.join(TASKS)}"),
+        (len(set(tasks)) == len(tasks), f"--tasks must not repeat a task, got {cfg.tasks!r}"),
+        (0 < cfg.alpha <= 1, f"--alpha must be in (0, 1], got {cfg.alpha}"),
+        (cfg.filter in FILTERS, f"--filter must be one of {', '.join(FILTERS)}, got {cfg.filter!r}"),
+        (0 < cfg.hft_ratio <= 1, f"--hft_ratio must be in (0, 1], got {cfg.hft_ratio}"),
+        (cfg.hft_strategy in hft.STRATEGIES, f"--hft_strategy must be one of {hft.STRATEGIES}, got {cfg.hft_strategy!r}"),
+        (cfg.reg == -1 or cfg.reg >= 0, f"--reg must be >= 0 (or -1 for the default), got {cfg.reg}"),
+        (cfg.rank >= 1, f"--rank must be >= 1, got {cfg.rank}"),
+        (0 <= cfg.replay < 1, f"--replay must be in [0, 1), got {cfg.replay}"),
+        (0 < cfg.filler < 1, f"--filler must be in (0, 1), got {cfg.filler}"),
+        (cfg.lr > 0 and cfg.pretrain_lr > 0, f"--lr and --pretrain_lr must be > 0, got {cfg.lr}, {cfg.pretrain_lr}"),
+        (cfg.n_embd % (2 * cfg.n_head) == 0, f"--n_embd must be a multiple of 2·n_head (rotary), got {cfg.n_embd}"),
+    ] + [(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}") for k in ints]
+    for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    need(cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
-    tasks = cfg.tasks.split(",")
-    bad = [t for t in tasks if t not in TASKS]
-    need(not bad, f"--tasks: unknown task(s) {bad}; choose from {', '.join(TASKS)}")
-    need(len(set(tasks)) == len(tasks), f"--tasks must not repeat a task, got {cfg.tasks!r}")
-    need(0 < cfg.alpha <= 1, f"--alpha must be in (0, 1], got {cfg.alpha}")
-    need(cfg.filter in FILTERS, f"--filter must be one of {', '.join(FILTERS)}, got {cfg.filter!r}")
-    need(0 < cfg.hft_ratio <= 1, f"--hft_ratio must be in (0, 1], got {cfg.hft_ratio}")
-    need(cfg.hft_strategy in hft.STRATEGIES, f"--hft_strategy must be one of {', '.join(hft.STRATEGIES)}, got {cfg.hft_strategy!r}")
-    need(cfg.reg == -1 or cfg.reg >= 0, f"--reg must be >= 0 (or -1 for the default), got {cfg.reg}")
-    need(cfg.rank >= 1, f"--rank must be >= 1, got {cfg.rank}")
-    need(0 <= cfg.replay < 1, f"--replay must be in [0, 1), got {cfg.replay}")
-    need(0 < cfg.filler < 1, f"--filler must be in (0, 1), got {cfg.filler}")
-    need(cfg.n_embd % cfg.n_head == 0 and cfg.n_embd // cfg.n_head % 2 == 0,
-         f"--n_embd must be a multiple of 2·n_head for rotary positions, got {cfg.n_embd} and {cfg.n_head}")
-    for k in ("n_layer", "n_head", "n_embd", "block_size", "n_people", "pretrain_iters",
-              "pretrain_batch_size", "max_iters", "batch_size", "eval_problems"):
-        need(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}")
-    for k in ("lr", "pretrain_lr"):
-        need(getattr(cfg, k) > 0, f"--{k} must be > 0, got {getattr(cfg, k)}")
 
 def run(cfg: Config) -> dict:
     """Pre-train if out_dir has no checkpoint, fine-tune on cfg.tasks in turn, evaluate; returns
     the metrics that are also written to out_dir/<run_name>.json."""
     check_config(cfg)
-    rank, world, device = setup_distributed(pick_device(cfg.device))
+    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    rank, world, device = setup_distributed(auto if cfg.device == "auto" else cfg.device)
     if cfg.batch_size % world:
         raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
     ctx = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    cfg = Config(**{**asdict(cfg), "reg": REG_DEFAULT.get(cfg.method, 0.0) if cfg.reg == -1 else cfg.reg})
+    cfg = replace(cfg, reg=REG_DEFAULT.get(cfg.method, 0.0) if cfg.reg == -1 else cfg.reg)
     name, tasks = cfg.run_name or cfg.method, cfg.tasks.split(",")
     ckpt_path = os.path.join(cfg.out_dir, f"{name}.pt")
     log(f"config: {json.dumps(asdict(cfg))}")
@@ -591,7 +562,7 @@ def run(cfg: Config) -> dict:
     model.load_state_dict(pre["model"])
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     tests = {t: test_problems(t, cfg.data_seed, cfg.eval_problems) for t in tasks}
-    exclude = {t: {p for p, _ in tests[t]} for t in tasks}
+    held_out = {t: {prompt for prompt, _ in tests[t]} for t in tasks}
     torch.manual_seed(cfg.seed)
     rng = random.Random(f"finetune/{cfg.seed}")
     state = {"task": 0, "iter_num": 0, "R": [], "time_s": 0.0, "tokens": 0,
@@ -604,23 +575,27 @@ def run(cfg: Config) -> dict:
         check_same(resume["config"], cfg, [f.name for f in fields(Config) if f.name not in RUNTIME_KEYS], ckpt_path)
         state = {k: resume[k] for k in state}
         log(f"resuming {ckpt_path} at task {state['task']}, iter {state['iter_num']}")
-        if resume["iter_num"] == 0:  # saved at a task boundary: merged weights, no optimizer
-            model.load_state_dict(resume["model"])
-            torch.set_rng_state(resume["rng"]["torch"])
-            rng.setstate(resume["rng"]["data"])
-            resume = None
 
-    def checkpoint(optimizer, trainable):
-        return {"model": model.state_dict(), "optimizer": optimizer and optimizer.state_dict(),
-                "hft": trainable, "config": asdict(cfg), **state,
-                "rng": {"torch": torch.get_rng_state(), "data": rng.getstate()}}
+    def restore(optimizer):  # weights, optimizer and both random streams, as they were when saved
+        model.load_state_dict(resume["model"])
+        if optimizer is not None:
+            optimizer.load_state_dict(resume["optimizer"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        rng.setstate(resume["rng"]["data"])
 
-    def batch(task):
-        n_replay = round(cfg.replay * cfg.batch_size)
-        problems = []
+    def save(optimizer, trainable, iter_num):
+        state["iter_num"] = iter_num
+        if rank == 0:
+            os.makedirs(cfg.out_dir, exist_ok=True)
+            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer and optimizer.state_dict(),
+                             "hft": trainable, "config": asdict(cfg), **state,
+                             "rng": {"torch": torch.get_rng_state(), "data": rng.getstate()}}, ckpt_path)
+
+    def batch(task):  # the global batch, drawn alike on every rank; this rank keeps its shard
+        n_replay, problems = round(cfg.replay * cfg.batch_size), []
         while len(problems) < cfg.batch_size - n_replay:
             prompt, answer = sample_problem(task, rng)
-            if prompt not in exclude[task]:
+            if prompt not in held_out[task]:  # test problems are never trained on
                 problems.append((prompt, answer))
         x, y = make_rows(*zip(*shard(problems, rank, world)))
         parts = [(x.to(device), y.to(device), 1 - n_replay / cfg.batch_size)]
@@ -629,82 +604,67 @@ def run(cfg: Config) -> dict:
             parts.append((x.to(device), y.to(device), n_replay / cfg.batch_size))
         return parts
 
+    if resume is not None and resume["iter_num"] == 0:  # saved at a task boundary: merged weights
+        restore(None)
+        resume = None
     for i in range(state["task"], len(tasks)):
         params, optimizer, trainable = setup_stage(model, cfg, i)
-        if resume is not None:  # saved mid-task: restore after the stage is set up as it was
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])
-            torch.set_rng_state(resume["rng"]["torch"])
-            rng.setstate(resume["rng"]["data"])
+        if resume is not None:  # saved mid-task: restore after the stage is set up as it was then
+            restore(optimizer)
             resume = None
         fwd = torch.compile(model) if cfg.compile else model
         fwd = DDP(fwd) if world > 1 else fwd
         state["task"] = i
-
-        def save(iter_num):
-            state["iter_num"] = iter_num
-            if rank == 0:
-                save_checkpoint(checkpoint(optimizer, trainable), ckpt_path)
-
         pull = (lambda: penalty_grad(model, theta0, cfg.method, cfg.reg)) if cfg.method in ("l1", "l2") else None
         seconds, tokens = train(fwd, model, optimizer, functools.partial(batch, tasks[i]), cfg.max_iters,
                                 cfg.lr, cfg.warmup_iters, cfg.grad_clip, ctx, start=state["iter_num"],
-                                after_backward=pull, save=save, ckpt_interval=cfg.ckpt_interval,
-                                log_interval=cfg.log_interval, tag=f"{cfg.method} {tasks[i]}")
-        state["time_s"] += seconds
-        state["tokens"] += tokens * world
+                                after_backward=pull, save=functools.partial(save, optimizer, trainable),
+                                ckpt_interval=cfg.ckpt_interval, log_interval=cfg.log_interval,
+                                tag=f"{cfg.method} {tasks[i]}")
+        state["time_s"], state["tokens"] = state["time_s"] + seconds, state["tokens"] + tokens * world
         merge_lora(model)
-        state["R"].append([task_accuracy(model, tests[t], device) for t in tasks])
+        state["R"] = state["R"] + [[task_accuracy(model, tests[t], device) for t in tasks]]
         log(f"after {tasks[i]}: " + ", ".join(f"{t} {a:.1%}" for t, a in zip(tasks, state["R"][-1])))
-        state["task"], state["iter_num"] = i + 1, 0
-        if rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
-            save_checkpoint(checkpoint(None, trainable), ckpt_path)
-    metrics = evaluate(model, theta0, cfg, corpus, pre, state, tasks, device)
+        state["task"] = i + 1
+        save(None, trainable, 0)
+    metrics = evaluate(model, theta0, cfg, corpus, pre["metrics"], state, tasks, device)
     if rank == 0:
         with open(os.path.join(cfg.out_dir, f"{name}.json"), "w") as f:
             json.dump(metrics, f, indent=1)
         print_table(metrics)
     return metrics
 
-def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
-    before, after = pre["metrics"], fact_scores(model, corpus, device)
-    heldout = estimate_loss(model, corpus.heldout, cfg.block_size, device)
+def evaluate(model, theta0, cfg, corpus, before, state, tasks, device):
+    after = {**fact_scores(model, corpus, device), "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device)}
     R, T = state["R"], len(tasks)
-    sq = sum(((p.detach() - theta0[n]) ** 2).sum().item() for n, p in model.named_parameters())
-    changed = sum((p.detach() != theta0[n]).sum().item() for n, p in model.named_parameters())
-    return {
-        "method": cfg.method, "tasks": tasks, "config": asdict(cfg),
-        "task_acc": R[-1][-1], "task_acc_before": state["R0"][-1], "R": R, "R0": state["R0"],
-        "OP": sum(R[-1]) / T, "BWT": sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else None,
-        "fact_mc_before": before["fact_mc"], "fact_mc_after": after["fact_mc"],
-        "fact_greedy_before": before["fact_greedy"], "fact_greedy_after": after["fact_greedy"],
-        "fact_chance": after["fact_chance"],
-        "heldout_loss_before": before["heldout_loss"], "heldout_loss_after": heldout,
-        "forget_mc": before["fact_mc"] - after["fact_mc"],
-        "forget_greedy": before["fact_greedy"] - after["fact_greedy"],
-        "heldout_loss_rise": heldout - before["heldout_loss"],
-        "dist_abs": math.sqrt(sq),
-        "dist_rel": math.sqrt(sq) / math.sqrt(sum((p ** 2).sum().item() for p in theta0.values())),
-        "frac_changed": changed / sum(p.numel() for p in theta0.values()),
-        "time_s": state["time_s"], "tokens_per_s": state["tokens"] / max(state["time_s"], 1e-9),
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "pretrain_time_s": before["time_s"],
-    }
+    delta = [(p.detach() - theta0[n]).flatten() for n, p in model.named_parameters()]
+    dist_abs, norm0 = torch.cat(delta).norm().item(), torch.cat([p.flatten() for p in theta0.values()]).norm().item()
+    m = {"method": cfg.method, "tasks": tasks, "config": asdict(cfg), "R0": state["R0"], "R": R,
+         "task_acc": R[-1][-1], "task_acc_before": state["R0"][-1], "OP": sum(R[-1]) / T,
+         "BWT": sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else None,
+         "fact_chance": after["fact_chance"], "dist_abs": dist_abs, "dist_rel": dist_abs / norm0,
+         "frac_changed": sum((d != 0).sum().item() for d in delta) / sum(d.numel() for d in delta),
+         "time_s": state["time_s"], "tokens_per_s": state["tokens"] / max(state["time_s"], 1e-9),
+         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pretrain_time_s": before["time_s"]}
+    for k in ("fact_mc", "fact_greedy", "heldout_loss"):
+        m[f"{k}_before"], m[f"{k}_after"] = before[k], after[k]
+    m["forget_mc"], m["forget_greedy"] = before["fact_mc"] - after["fact_mc"], before["fact_greedy"] - after["fact_greedy"]
+    m["heldout_loss_rise"] = after["heldout_loss"] - before["heldout_loss"]
+    return m
 
 def print_table(m):
-    pct = lambda a, b: f"{a:8.1%} {b:8.1%} {100 * (b - a):+8.1f}"
-    print(f"\n{m['method']} on {','.join(m['tasks'])}          before    after   change")
+    row = lambda label, a, b, f="8.1%", scale=100: print(f"{label:26s}{a:{f}} {b:{f}} {scale * (b - a):+8.{1 if scale == 100 else 3}f}")
+    print(f"\n{m['method'] + ' on ' + ','.join(m['tasks']):26s}  before    after   change")
     for t, a0, a1 in zip(m["tasks"], m["R0"], m["R"][-1]):
-        print(f"task acc ({t}){'':{14 - len(t)}} {pct(a0, a1)}")
-    print(f"facts, multiple choice  {pct(m['fact_mc_before'], m['fact_mc_after'])}   (chance {m['fact_chance']:.1%})")
-    print(f"facts, greedy recall    {pct(m['fact_greedy_before'], m['fact_greedy_after'])}   (chance 0%)")
-    print(f"held-out loss           {m['heldout_loss_before']:8.3f} {m['heldout_loss_after']:8.3f} "
-          f"{m['heldout_loss_rise']:+8.3f}")
+        row(f"task accuracy ({t})", a0, a1)
+    row(f"facts, multiple choice", m["fact_mc_before"], m["fact_mc_after"])
+    print(f"{'  (chance)':26s}{m['fact_chance']:8.1%}")
+    row("facts, greedy recall", m["fact_greedy_before"], m["fact_greedy_after"])
+    row("held-out loss", m["heldout_loss_before"], m["heldout_loss_after"], "8.3f", 1)
     if len(m["tasks"]) > 1:
         print(f"continual: OP {m['OP']:.1%}, BWT {m['BWT']:+.1%}")
-    print(f"|θ-θ0| {m['dist_abs']:.3f} (relative {m['dist_rel']:.3f}), entries changed "
-          f"{m['frac_changed']:.1%}; fine-tuning {m['time_s']:.1f} s, {m['tokens_per_s']:,.0f} tokens/s")
+    print(f"|θ-θ0| {m['dist_abs']:.3f} (relative {m['dist_rel']:.3f}), entries changed {m['frac_changed']:.1%}; "
+          f"fine-tuning {m['time_s']:.1f} s, {m['tokens_per_s']:,.0f} tokens/s")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -715,11 +675,9 @@ class Parser(argparse.ArgumentParser):
         raise ValueError(message)
 
 def parse_bool(s):
-    if s.lower() in ("1", "true", "yes"):
-        return True
-    if s.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    if s.lower() not in ("1", "true", "0", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+    return s.lower() in ("1", "true")
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -727,9 +685,8 @@ def parse_args(argv=None):
                    help="start from a named set of defaults (smoke: the whole pipeline in seconds)")
     for f in fields(Config):
         kind = parse_bool if isinstance(f.default, bool) else type(f.default)
-        extra = dict(nargs="?", const=True) if kind is parse_bool else {}
-        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS,
-                       help=f"{f.metadata['help']} (default: {f.default!r})", **extra)
+        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=f"{f.metadata['help']} "
+                       f"(default: {f.default!r})", **(dict(nargs="?", const=True) if kind is parse_bool else {}))
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults suppressed)
     return Config(**{**PRESETS.get(given.pop("preset", None), {}), **given})
 
