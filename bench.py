@@ -1,0 +1,264 @@
+"""
+Speed comparisons, measured side by side in one run.
+
+    python bench.py                  # every section, on the best device available
+    python bench.py --only mofo      # one section: mofo | hft | loop
+    python bench.py --device cpu
+
+Each section times its contenders in interleaved rounds (A, B, C, A, B, C, ...) and reports
+medians, so background load hits all of them alike; compare the ratios, not the raw times.
+
+mofo: one optimizer step on a Llama-shaped model of about 13 M parameters with random
+gradients: MoFO (alpha=0.1), torch AdamW(foreach=False), and the same MoFO algorithm written
+the plain way with torch.topk per tensor (mofo_topk_step_ below, as the authors' release does).
+"""
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from mofo import MoFO
+
+
+def get_device(name):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns, device, rounds, warmup=2, before_round=None):
+    """Median milliseconds per call of each fn in the dict, called in interleaved rounds."""
+    times = {name: [] for name in fns}
+    for r in range(warmup + rounds):
+        if before_round is not None:
+            before_round()
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            if r >= warmup:
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def llama_shapes(n_layer, n_embd, n_hidden, vocab_size):
+    """Parameter shapes of a Llama-style decoder: attention, gated MLP, RMSNorms, embeddings."""
+    shapes = [(vocab_size, n_embd)]  # token embedding
+    for _ in range(n_layer):
+        shapes += [(n_embd,)] + [(n_embd, n_embd)] * 4  # norm, q, k, v, o
+        shapes += [(n_embd,), (n_hidden, n_embd), (n_hidden, n_embd), (n_embd, n_hidden)]  # norm, gate, up, down
+    shapes += [(n_embd,), (vocab_size, n_embd)]  # final norm, lm_head
+    return shapes
+
+
+# -----------------------------------------------------------------------------
+# mofo: MoFO step vs AdamW step vs a plain torch.topk MoFO step
+
+@torch.no_grad()
+def mofo_topk_step_(params, states, lr, betas, eps, alpha):
+    """Reference MoFO step (weight decay 0), the mask from a full torch.topk per tensor."""
+    beta1, beta2 = betas
+    for p, state in zip(params, states):
+        m, v, g = state["exp_avg"], state["exp_avg_sq"], p.grad
+        state["step"] += 1
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step_size = lr / (1 - beta1 ** state["step"])
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(eps)
+        if p.dim() >= 2:
+            k = max(1, math.floor(alpha * p.numel()))
+            a = m.abs()
+            tau = torch.topk(a.flatten(), k).values[-1]
+            p.addcdiv_(m * (a >= tau), denom, value=-step_size)
+        else:
+            p.addcdiv_(m, denom, value=-step_size)
+
+
+def bench_mofo(args):
+    device = get_device(args.device)
+    torch.manual_seed(0)
+    shapes = llama_shapes(args.n_layer, args.n_embd, args.n_hidden, args.vocab_size)
+    n_params = sum(math.prod(s) for s in shapes)
+    grads = [torch.randn(s, device=device) for s in shapes]  # shared, read-only for all three
+
+    def make_params():
+        params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad = g
+        return params
+
+    mofo = MoFO(make_params(), lr=1e-4, alpha=args.alpha)
+    adamw = torch.optim.AdamW(make_params(), lr=1e-4, weight_decay=0.0, foreach=False)
+    topk_params = make_params()
+    topk_states = [{"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)}
+                   for p in topk_params]
+
+    def fresh_gradients():  # new random gradients each round, the same for all three
+        for g in grads:
+            g.normal_()
+
+    ms = time_interleaved({
+        "mofo": mofo.step,
+        "adamw": adamw.step,
+        "topk": lambda: mofo_topk_step_(topk_params, topk_states, 1e-4, (0.9, 0.999), 1e-8, args.alpha),
+    }, device, args.rounds, before_round=fresh_gradients)
+
+    print(f"mofo: one optimizer step, {n_params / 1e6:.1f} M parameters in {len(shapes)} tensors "
+          f"(n_layer={args.n_layer}, n_embd={args.n_embd}), alpha={args.alpha}, {device}, "
+          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
+    print(f"  MoFO                     {ms['mofo']:8.1f} ms")
+    print(f"  AdamW (foreach=False)    {ms['adamw']:8.1f} ms")
+    print(f"  MoFO with plain topk     {ms['topk']:8.1f} ms")
+    print(f"  MoFO / AdamW             {ms['mofo'] / ms['adamw']:8.2f} x")
+    print(f"  topk / MoFO              {ms['topk'] / ms['mofo']:8.2f} x")
+
+
+# -----------------------------------------------------------------------------
+# hft: HFT step vs full fine-tuning step
+
+def bench_hft(args):
+    """HFT vs full fine-tuning: one training step (forward, backward, AdamW step) on the same
+    Llama-shaped model and batch, plus the size of AdamW's state."""
+    import hft  # imported here so that the other sections run without these modules
+    from train_tiny import ModelConfig, TinyLlama
+
+    device = get_device(args.device)
+    batch_size, block_size = 8, 64  # a small fine-tuning batch: 512 tokens per step
+    torch.manual_seed(0)
+    config = ModelConfig(n_layer=args.n_layer, n_head=max(1, args.n_embd // 64), n_embd=args.n_embd,
+                         block_size=block_size, vocab_size=args.vocab_size)
+    models = {"full": TinyLlama(config).to(device), "hft": TinyLlama(config).to(device)}
+    models["hft"].load_state_dict(models["full"].state_dict())  # same starting weights
+    trainable = hft.select(models["hft"], seed=0)
+    params = {"full": list(models["full"].parameters()), "hft": hft.apply(models["hft"], trainable)}
+    optimizers = {name: torch.optim.AdamW(params[name], lr=1e-4, weight_decay=0.1) for name in models}
+    idx = torch.randint(0, config.vocab_size, (batch_size, block_size), device=device)  # (B, T)
+    targets = torch.randint(0, config.vocab_size, (batch_size, block_size), device=device)  # (B, T)
+
+    # each step also times its own phases, so the report can say where the time goes
+    phases = {name: {"forward": [], "backward": [], "optimizer": []} for name in models}
+
+    def make_step(name):
+        model, optimizer, times = models[name], optimizers[name], phases[name]
+
+        def step():
+            t0 = time.perf_counter()
+            _, loss = model(idx, targets)
+            sync(device)
+            t1 = time.perf_counter()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()  # frozen matrices: input gradient only, no weight gradient
+            sync(device)
+            t2 = time.perf_counter()
+            optimizer.step()  # frozen matrices: no state, no update
+            sync(device)
+            t3 = time.perf_counter()
+            for phase, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
+                times[phase].append(t * 1e3)
+        return step
+
+    warmup = 2
+    ms = time_interleaved({name: make_step(name) for name in models}, device, args.rounds, warmup=warmup)
+    phase_ms = {name: {phase: statistics.median(ts[warmup:]) for phase, ts in times.items()}
+                for name, times in phases.items()}
+
+    def state_bytes(optimizer):  # exp_avg, exp_avg_sq and step of every parameter with state
+        return sum(t.numel() * t.element_size() for state in optimizer.state.values()
+                   for t in state.values() if torch.is_tensor(t))
+
+    state = {name: state_bytes(optimizer) for name, optimizer in optimizers.items()}
+
+    # matmul-only estimate: forward and input gradients cost the same for both; the weight
+    # gradient is skipped for frozen matrices. Attention scores, norms, activations and the loss
+    # are the same for both and pull the measured ratio toward 1.
+    linears = [(name, m.weight) for name, m in models["hft"].named_modules() if isinstance(m, torch.nn.Linear)]
+    all_mm = sum(w.numel() for _, w in linears)
+    trained_mm = sum(w.numel() for _, w in linears if w.requires_grad)
+    mm_ratio = (2 * all_mm + trained_mm) / (3 * all_mm)
+
+    r = hft.report(models["hft"], trainable)
+    n_params = sum(p.numel() for p in models["full"].parameters())
+    print(f"hft: one training step (forward + backward + AdamW step), {n_params / 1e6:.1f} M parameters "
+          f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab_size={config.vocab_size}), "
+          f"batch {batch_size} x {block_size} tokens, {device}, {torch.get_num_threads()} threads, "
+          f"median of {args.rounds} interleaved rounds")
+    print(f"  trainable with HFT: {r['fraction']:.1%} of all parameters, {r['block_fraction']:.1%} of the blocks "
+          f"(attn {r['by_category']['attn']['fraction']:.0%}, mlp {r['by_category']['mlp']['fraction']:.0%}, "
+          f"norm {r['by_category']['norm']['fraction']:.0%}, outside the blocks "
+          f"{r['by_category']['other']['fraction']:.0%})")
+    print(f"  {'':22s} {'full':>9s} {'HFT':>9s} {'HFT/full':>9s}")
+    for phase in ("forward", "backward", "optimizer"):
+        f, h = phase_ms["full"][phase], phase_ms["hft"][phase]
+        print(f"  {phase + ' ms':22s} {f:9.1f} {h:9.1f} {h / f:9.2f}")
+    print(f"  {'step ms':22s} {ms['full']:9.1f} {ms['hft']:9.1f} {ms['hft'] / ms['full']:9.2f}   (target <= 0.85)")
+    print(f"  {'AdamW state MB':22s} {state['full'] / 2**20:9.1f} {state['hft'] / 2**20:9.1f} "
+          f"{state['hft'] / state['full']:9.2f}   (target <= 0.55)")
+    print(f"  {'matmul-only estimate':22s} {'':9s} {'':9s} {mm_ratio:9.2f}   (forward + backward, no attention/elementwise)")
+
+
+# -----------------------------------------------------------------------------
+# loop: training loop ms/iter
+
+def bench_loop(args):
+    """ms per iteration of train_tiny's training loop (batch, forward, backward, clip, step) on
+    nanoGPT's CPU recipe shapes: 4 layers, 4 heads, 128 channels, context 64, batch 12, where
+    nanoGPT's own loop measured about 36 ms/iter on 2-core CPU machines."""
+    import random
+    from contextlib import nullcontext
+
+    import train_tiny as tt  # imported here so that the other sections run without it
+
+    device = get_device(args.device)
+    ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+    corpus, iters = tt.build_corpus(), 10  # each timed call runs the loop for `iters` iterations
+
+    def make_loop(method):
+        torch.manual_seed(0)
+        model = tt.TinyLlama(tt.ModelConfig(4, 4, 128, 64, len(tt.VOCAB))).to(device)
+        _, optimizer, _ = tt.setup_stage(model, tt.Config(method=method, alpha=args.alpha), stage=0)
+        rng = random.Random(0)
+
+        def get_batch():
+            x, y = tt.text_windows(corpus.train, 64, 12, rng)
+            return [(x.to(device), y.to(device), 1.0)]
+        return lambda: tt.train(model, model, optimizer, get_batch, iters, 1e-3, 0, 1.0, ctx, log_interval=0)
+
+    loops = {"full (AdamW)": make_loop("full"), f"mofo (alpha={args.alpha})": make_loop("mofo")}
+    ms = time_interleaved(loops, device, args.rounds)
+    print(f"loop: train_tiny's training loop on nanoGPT's CPU shapes (4x128, 4 heads, context 64, "
+          f"batch 12), {device.type}, median of {args.rounds} rounds of {iters} iters")
+    for name, t in ms.items():
+        print(f"  {name:22s} {t / iters:7.1f} ms/iter   (nanoGPT: about 36 ms/iter on 2 CPU cores)")
+
+
+# -----------------------------------------------------------------------------
+
+SECTIONS = {"mofo": bench_mofo, "hft": bench_hft, "loop": bench_loop}
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=list(SECTIONS), default=None, help="run one section (default: all)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--rounds", type=int, default=15, help="timed rounds per contender")
+    parser.add_argument("--alpha", type=float, default=0.1)
+    parser.add_argument("--n_layer", type=int, default=4)
+    parser.add_argument("--n_embd", type=int, default=512)
+    parser.add_argument("--n_hidden", type=int, default=1376, help="gated MLP width")
+    parser.add_argument("--vocab_size", type=int, default=512)
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    for name, bench in SECTIONS.items():
+        if args.only in (None, name):
+            bench(args)
