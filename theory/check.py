@@ -29,6 +29,9 @@ def check_run(run, alpha, eta, L, f_star, rtol=RTOL):
     Returns plain data: violation counts, the worst slacks, and per-T arrays for plotting
     (`T`, `min_grad_sq` = min_{t<T} ‖∇f(θ_t)‖², `bound`, `tightness` = min_grad_sq / bound).
     """
+    decrease = eta * (1 - L * eta / 2)
+    if decrease == 0:
+        raise ValueError("eta must not be exactly 2/L: the bound's right side is undefined there")
     gb, fb = run["block_grad_sq"], run["block_filt_sq"]              # (steps, B)
     f, grad_sq = run["f"], run["grad_sq"]
     steps = len(f) - 1
@@ -37,7 +40,6 @@ def check_run(run, alpha, eta, L, f_star, rtol=RTOL):
     share = np.where(gb > 0, fb / np.where(gb > 0, gb, 1.0), 1.0)
     # 2. descent inequality, and the monotone decrease it implies when η < 2/L
     filt = fb.sum(axis=1)                                            # ‖g_t ⊙ γ_t‖²
-    decrease = eta * (1 - L * eta / 2)
     scale = np.abs(f[:-1]) + np.abs(f[1:]) + eta * filt
     descent_slack = f[:-1] - decrease * filt - f[1:]
     descent_viol = int(np.sum(descent_slack < -rtol * scale))
@@ -46,8 +48,6 @@ def check_run(run, alpha, eta, L, f_star, rtol=RTOL):
     #    it fails as soon as ∇f ≠ 0 (the theorem says nothing there; see negative_control)
     T = np.arange(1, steps + 1)
     min_grad_sq = np.minimum.accumulate(grad_sq[:-1])
-    if decrease == 0:
-        raise ValueError("eta = 2/L exactly: the bound's right side is undefined")
     bound = (f[0] - f_star) / (alpha * decrease * T)
     bound_viol = int(np.sum(min_grad_sq > bound + rtol * np.abs(bound)))
     tightness = min_grad_sq / bound if decrease > 0 else np.full(steps, np.nan)
@@ -107,8 +107,8 @@ def run_grid(losses, partitions, alphas, eta_factors, seeds, steps=100, step=gd_
                         "eta_L": c, "runs": len(results),
                         "checks": len(results) * steps * (len(partition(loss.d, kind)) + 3),
                         **{k: sum(r[k] for r in results) for k in (
-                            "saved_by_tolerance", "lemma_violations", "descent_violations", "monotone_violations",
-                            "bound_violations")},
+                            "saved_by_tolerance", "lemma_violations", "descent_violations",
+                            "monotone_violations", "bound_violations")},
                         "worst_lemma_slack": min(r["worst_lemma_slack"] for r in results),
                         "worst_descent_slack": min(r["worst_descent_slack"] for r in results),
                         "max_tightness": max(r["max_tightness"] for r in results),

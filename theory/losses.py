@@ -128,7 +128,7 @@ def logistic(d, n=100, seed=0):
     return ToyLoss("logistic", phi, y[:, None] * X, np.zeros(n), 1.0 / n, 0.0, L,
                    float(inf_phi), False,
                    f"L = sup phi'' * lambda_max(X^T X)/n, sup phi'' = {sup_d2}; "
-                   f"f* >= n * inf phi / n = {inf_phi} (lower bound)")
+                   f"f* >= inf phi = {inf_phi} (lower bound)")
 
 
 def robust_regression(d, m=100, mu=0.1, seed=0):
@@ -148,7 +148,8 @@ def robust_regression(d, m=100, mu=0.1, seed=0):
     lam_max = np.linalg.eigvalsh(B.T @ B)[-1] if d <= m else np.linalg.eigvalsh(B @ B.T)[-1]
     L = float(max(abs(sup_d2), abs(inf_d2))) * lam_max + mu
     return ToyLoss("robust", phi, B, y, 1.0, mu, L, float(m * inf_phi), False,
-                   f"L = sup|phi''| * lambda_max(B^T B) + mu, phi'' in [{inf_d2}, {sup_d2}]; "
+                   f"L = max(-inf phi'', sup phi'') * lambda_max(B^T B) + mu, "
+                   f"phi'' in [{inf_d2}, {sup_d2}]; "
                    f"f* >= m * inf phi = {inf_phi} (lower bound)")
 
 
