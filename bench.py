@@ -167,8 +167,14 @@ def bench_hft(args):
                 times[phase].append(t * 1e3)
         return step
 
-    warmup = 2
-    ms = time_interleaved({name: make_step(name) for name in models}, device, args.rounds, warmup=warmup)
+    # One thread: on a shared, busy CPU a two-thread step waits for its slower thread, and that
+    # noise (seconds) swamps the difference measured here; the work HFT skips is the same.
+    warmup, threads = 2, torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ms = time_interleaved({name: make_step(name) for name in models}, device, args.rounds, warmup=warmup)
+    finally:
+        torch.set_num_threads(threads)
     phase_ms = {name: {phase: statistics.median(ts[warmup:]) for phase, ts in times.items()}
                 for name, times in phases.items()}
 
@@ -190,7 +196,7 @@ def bench_hft(args):
     n_params = sum(p.numel() for p in models["full"].parameters())
     print(f"hft: one training step (forward + backward + AdamW step), {n_params / 1e6:.1f} M parameters "
           f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab_size={config.vocab_size}), "
-          f"batch {batch_size} x {block_size} tokens, {device}, {torch.get_num_threads()} threads, "
+          f"batch {batch_size} x {block_size} tokens, {device}, 1 thread, "
           f"median of {args.rounds} interleaved rounds")
     print(f"  trainable with HFT: {r['fraction']:.1%} of all parameters, {r['block_fraction']:.1%} of the blocks "
           f"(attn {r['by_category']['attn']['fraction']:.0%}, mlp {r['by_category']['mlp']['fraction']:.0%}, "
