@@ -1,16 +1,14 @@
 """The tiny forgetting experiment: pre-train a small Llama-style transformer on an invented world,
 fine-tune it on a new skill six ways, and measure what it learned and what it forgot.
 
-  full   AdamW on every weight;          l1/l2  loss + λ‖θ − θ0‖₁ or λ‖θ − θ0‖² (pull toward θ0);
-  mofo   MoFO (Chen et al., arXiv 2407.20999, Algorithm 1): Adam moving only the α fraction of each
-         tensor's entries with the largest momentum (mofo.py);
-  hft    Half Fine-Tuning (Hui et al., arXiv 2404.18466): a random half of each block's matrices
-         frozen per task (hft.py);
-  lora   LoRA (Hu et al., arXiv 2106.09685): W0 + (α/r)·BA on every block matrix, merged for eval;
+  full   AdamW.   l1/l2  loss + λ‖θ − θ0‖₁ or λ‖θ − θ0‖², a pull toward the pre-trained θ0.
+  mofo   MoFO (Chen et al., arXiv 2407.20999, Algorithm 1): Adam that moves only the α fraction of
+         each tensor's entries with the largest momentum (mofo.py).
+  hft    Half Fine-Tuning (Hui et al., arXiv 2404.18466): half of each block frozen per task (hft.py).
+  lora   LoRA (Hu et al., arXiv 2106.09685): W0 + (α/r)·BA on every block matrix, merged for eval.
   --replay mixes pre-training text into the batches: the reference that needs the old data.
-Knowledge is scored as lm-eval scores MMLU/ARC: multiple choice by log-likelihood over each
-attribute's candidate values (primary), greedy exact recall (secondary); general language by the
-loss on held-out text. Forgetting is the drop from the pre-trained model.
+Knowledge is scored as lm-eval scores MMLU/ARC, by multiple choice over each attribute's values
+(log-likelihood; primary) and by greedy exact recall; general language by held-out text loss.
 
     python train_tiny.py --method mofo --alpha 0.1      # pre-trains once (cached), then fine-tunes
     python train_tiny.py --method full --tasks add,reverse,sort,count
@@ -28,11 +26,13 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hft
@@ -50,23 +50,19 @@ class Config:
     log_interval: int = opt(50, "log loss, lr and ms/iter every N iters")
     device: str = opt("auto", "auto (cuda, then mps, then cpu) or a torch device name")
     compile: bool = opt(False, "torch.compile the model: pays off on GPUs, not for short CPU runs")
-    # the invented world and the pre-training text
     data_seed: int = opt(0, "seed of the world, held-out text, test problems and pre-training")
     n_people: int = opt(150, "people in the world, 4 facts each, each fact in 3 sentence templates")
     filler: float = opt(0.1, "fraction of pre-training sentences that are narrative, not facts")
-    # model (Llama block layout, Hugging Face parameter names)
     n_layer: int = opt(4, "transformer blocks")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "channels")
     block_size: int = opt(128, "pre-training context length (characters)")
-    # pre-training: runs once per out_dir, cached in out_dir/pretrained.pt
-    pretrain_iters: int = opt(1400, "pre-training steps (about 100 passes over the facts)")
+    pretrain_iters: int = opt(1400, "pre-training steps, once per out_dir (cached in pretrained.pt)")
     pretrain_batch_size: int = opt(32, "pre-training windows per step")
     pretrain_lr: float = opt(3e-3, "pre-training peak learning rate (AdamW, cosine)")
     pretrain_warmup: int = opt(50, "pre-training warm-up steps")
     pretrain_weight_decay: float = opt(0.1, "pre-training AdamW decay on matrices")
     grad_clip: float = opt(1.0, "clip the global gradient norm (0: off)")
-    # fine-tuning
     method: str = opt("mofo", "full | mofo | hft | l1 | l2 | lora")
     tasks: str = opt("add", "comma-separated sequence of add, reverse, sort, count (continual)")
     seed: int = opt(0, "fine-tuning seed: data order, HFT draw, LoRA init, MoFO random filter")
@@ -87,8 +83,7 @@ class Config:
 PRESETS = {  # --preset: a named starting point; flags given on the command line still win
     "smoke": dict(out_dir="out/smoke", n_people=12, n_layer=2, n_head=2, n_embd=32, block_size=64,
                   pretrain_iters=60, pretrain_batch_size=8, pretrain_warmup=5, max_iters=20,
-                  batch_size=8, warmup_iters=2, eval_problems=40, ckpt_interval=10, log_interval=10),
-}
+                  batch_size=8, warmup_iters=2, eval_problems=40, ckpt_interval=10, log_interval=10)}
 PRETRAIN_KEYS = ("data_seed", "n_people", "filler", "n_layer", "n_head", "n_embd", "block_size",
                  "pretrain_iters", "pretrain_batch_size", "pretrain_lr", "pretrain_warmup",
                  "pretrain_weight_decay")
@@ -97,10 +92,8 @@ METHODS = ("full", "mofo", "hft", "l1", "l2", "lora")
 TASKS = ("add", "reverse", "sort", "count")
 REG_DEFAULT = {"l1": 1e-4, "l2": 1e-2}
 
-
 # ----------------------------------------------------------------------------------------------
 # Model: Llama blocks (RMSNorm, rotary positions, q/k/v/o, gated MLP), untied LM head, no biases
-
 @dataclass
 class ModelConfig:
     n_layer: int = 4
@@ -108,10 +101,6 @@ class ModelConfig:
     n_embd: int = 128
     block_size: int = 128  # rotary tables cover this many positions
     vocab_size: int = 68
-
-    @property
-    def hidden(self):  # Llama's gated MLP width, 8/3·C, rounded up to a multiple of 16
-        return 16 * math.ceil(8 * self.n_embd / 3 / 16)
 
 def rotary(x, cos, sin):  # x (B, nh, T, hs): rotate pairs (i, i + hs/2) by pos·θ_i, as HF Llama
     x1, x2 = x.chunk(2, dim=-1)
@@ -134,9 +123,10 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, c):
         super().__init__()
-        self.gate_proj = nn.Linear(c.n_embd, c.hidden, bias=False)
-        self.up_proj = nn.Linear(c.n_embd, c.hidden, bias=False)
-        self.down_proj = nn.Linear(c.hidden, c.n_embd, bias=False)
+        hidden = 16 * math.ceil(8 * c.n_embd / 3 / 16)  # Llama's width 8/3·C, to a multiple of 16
+        self.gate_proj = nn.Linear(c.n_embd, hidden, bias=False)
+        self.up_proj = nn.Linear(c.n_embd, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, c.n_embd, bias=False)
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -184,8 +174,7 @@ class TinyLlama(nn.Module):
         # (-1 = no target), then over rows, so a batch split evenly across ranks averages to it.
         nll = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-1,
                               reduction="none").view_as(targets)
-        n = (targets >= 0).sum(1)
-        return logits, (nll.sum(1) / n.clamp(min=1)).mean()
+        return logits, (nll.sum(1) / (targets >= 0).sum(1).clamp(min=1)).mean()
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens):  # greedy
@@ -194,18 +183,15 @@ class TinyLlama(nn.Module):
             idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
         return idx
 
-
 # ----------------------------------------------------------------------------------------------
 # Corpus: an invented world stated in sentences, narrative filler, held-out text, task problems
-
 VOCAB = "\n +.:=" + string.digits + string.ascii_lowercase + string.ascii_uppercase
 STOI = {ch: i for i, ch in enumerate(VOCAB)}
 ATTRIBUTES = {  # attribute: (candidate values, templates); the first template is the probe
     "city": (("Brask", "Corvel", "Dunmere", "Elstow", "Farrow", "Glenhal", "Harlow", "Istra",
               "Jorvik", "Kelda", "Lunmar", "Mirren"),
              ("{} lives in {}.", "The home of {} is {}.", "{} has a house in {}.")),
-    "job": (("baker", "pilot", "farmer", "doctor", "tailor", "painter", "sailor", "miner",
-             "potter", "teacher"),
+    "job": (("baker", "pilot", "farmer", "doctor", "tailor", "painter", "sailor", "miner", "potter", "teacher"),
             ("{} works as a {}.", "The job of {} is {}.", "{} earns a living as a {}.")),
     "pet": (("cat", "dog", "parrot", "rabbit", "turtle", "goat", "hamster", "lizard"),
             ("{} has a pet {}.", "The pet of {} is a {}.", "{} feeds a {} every day.")),
@@ -215,14 +201,10 @@ ATTRIBUTES = {  # attribute: (candidate values, templates); the first template i
 FILLER = (("old", "small", "quiet", "happy", "brave", "tired", "clever", "young"),
           ("horse", "fox", "crow", "mouse", "bear", "wolf", "owl", "deer"),
           ("walks to", "runs past", "sleeps near", "looks at", "waits by", "sings to"),
-          ("the river", "the hill", "the market", "the bridge", "the forest", "the tower",
-           "the well", "the gate"))
+          ("the river", "the hill", "the market", "the bridge", "the forest", "the tower", "the well", "the gate"))
 
 def encode(s):
     return [STOI[c] for c in s]
-
-def decode(ids):
-    return "".join(VOCAB[i] for i in ids)
 
 @dataclass(frozen=True)
 class Corpus:
@@ -248,10 +230,8 @@ def build_corpus(seed=0, n_people=150, filler=0.1):
     rng.shuffle(narrative)
     n_filler = round(filler / (1 - filler) * len(facts))
     sentences, heldout = facts + narrative[:n_filler], narrative[n_filler:n_filler + 300]
-    text = ""
-    for _ in range(8):  # eight shuffled copies, so every sentence appears in several contexts
-        rng.shuffle(sentences)
-        text += "\n" + "\n".join(sentences)
+    # eight shuffled copies, so that every sentence appears in several contexts
+    text = "".join("\n" + "\n".join(rng.sample(sentences, len(sentences))) for _ in range(8))
     return Corpus(torch.tensor(encode(text)), torch.tensor(encode("\n" + "\n".join(heldout))), tuple(probes))
 
 def sample_problem(task, rng):  # -> (prompt, answer); the answer ends with "." so exact match stops
@@ -271,8 +251,7 @@ def sample_problem(task, rng):  # -> (prompt, answer); the answer ends with "." 
 def test_problems(task, seed, n):  # distinct held-out problems; training never draws them
     rng, problems = random.Random(f"test/{task}/{seed}"), {}
     while len(problems) < n:
-        prompt, answer = sample_problem(task, rng)
-        problems[prompt] = answer
+        problems.update([sample_problem(task, rng)])
     return tuple(problems.items())
 
 def make_rows(prompts, answers):
@@ -290,15 +269,11 @@ def shard(rows, rank, world):  # this rank's contiguous slice of the global batc
     return rows[rank * n:(rank + 1) * n]
 
 def text_windows(data, block_size, n, rng, rank=0, world=1):
-    ix = shard([rng.randrange(len(data) - block_size) for _ in range(n)], rank, world)  # same draws on every rank
-    x = torch.stack([data[i:i + block_size] for i in ix])
-    y = torch.stack([data[i + 1:i + 1 + block_size] for i in ix])
-    return x, y
-
+    ix = shard([rng.randrange(len(data) - block_size) for _ in range(n)], rank, world)  # same draws on all ranks
+    return tuple(torch.stack([data[i + o:i + o + block_size] for i in ix]) for o in (0, 1))  # x, y
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation: multiple choice by log-likelihood, greedy exact match, held-out loss
-
 @torch.no_grad()
 def score_answers(model, prompts, answers, device="cpu", rows_per_batch=512):
     """Per (prompt, answer): the answer's summed log-probability, and whether greedy decoding from
@@ -318,11 +293,10 @@ def fact_scores(model, corpus, device="cpu"):
     choice); fact_greedy: greedy decoding writes it; fact_chance: what guessing scores at MC."""
     rows = [(prompt, f" {c}.", c == value) for attr, prompt, value in corpus.probes for c in ATTRIBUTES[attr][0]]
     logp, exact = score_answers(model, [r[0] for r in rows], [r[1] for r in rows], device)
-    mc, greedy, i = 0, 0, 0
+    mc = greedy = i = 0
     for attr, _, value in corpus.probes:
         n = len(ATTRIBUTES[attr][0])
-        best = max(range(i, i + n), key=logp.__getitem__)
-        mc += rows[best][2]
+        mc += rows[max(range(i, i + n), key=logp.__getitem__)][2]  # the most likely candidate
         greedy += next(exact[j] for j in range(i, i + n) if rows[j][2])  # the true value's row
         i += n
     n = len(corpus.probes)
@@ -338,42 +312,32 @@ def estimate_loss(model, data, block_size, device="cpu", max_windows=64):
     x, y = (torch.stack([data[i * block_size + o:(i + 1) * block_size + o] for i in range(n)]) for o in (0, 1))
     return model(x.to(device), y.to(device))[1].item()
 
-
 # ----------------------------------------------------------------------------------------------
 # Methods: what each one trains and with which optimizer; LoRA and the L1/L2 pull toward θ0
+class LoRA(nn.Module):
+    """Parametrizes a frozen W0 as W = W0 + (α/r)·BA; B starts at zero, so training starts at W0."""
 
-class LoRALinear(nn.Module):
-    """y = x W0ᵀ + (α/r)·x Aᵀ Bᵀ with W0 frozen; B starts at zero, so training starts at W0."""
-
-    def __init__(self, base, rank, scale=2.0):
+    def __init__(self, weight, rank, scale=2.0):
         super().__init__()
-        self.weight, self.scale = base.weight, scale  # same name as before: θ0 lines up
-        self.weight.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        self.scale = scale
+        self.lora_A = nn.Parameter(torch.empty(rank, weight.size(1), device=weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(weight.size(0), rank, device=weight.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
-    def forward(self, x):
-        return F.linear(x, self.weight) + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+    def forward(self, W0):
+        return W0 + self.scale * self.lora_B @ self.lora_A
 
-def block_linears(model):  # (parent module, attribute name) of every matrix inside the blocks
-    return [(parent, name) for block in model.model.layers for parent in (block.self_attn, block.mlp)
-            for name, child in parent.named_children() if isinstance(child, (nn.Linear, LoRALinear))]
-
-def add_lora(model, rank):
+def add_lora(model, rank):  # on every matrix inside the blocks (attention and MLP)
     model.requires_grad_(False)
-    for parent, name in block_linears(model):
-        setattr(parent, name, LoRALinear(getattr(parent, name), rank))
+    for block in model.model.layers:
+        for linear in (*block.self_attn.children(), *block.mlp.children()):
+            parametrize.register_parametrization(linear, "weight", LoRA(linear.weight, rank))
     return [p for n, p in model.named_parameters() if "lora_" in n]
 
-@torch.no_grad()
-def merge_lora(model):  # W = W0 + (α/r)·BA back into plain Linear layers; everything trainable
-    for parent, name in block_linears(model):
-        lora = getattr(parent, name)
-        if isinstance(lora, LoRALinear):
-            plain = nn.Linear(lora.lora_A.size(1), lora.lora_B.size(0), bias=False, device=lora.weight.device)
-            plain.weight.copy_(lora.weight + lora.scale * lora.lora_B @ lora.lora_A)
-            setattr(parent, name, plain)
+def merge_lora(model):  # W0 + (α/r)·BA becomes the plain weight again (same name); all trainable
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            parametrize.remove_parametrizations(module, "weight")
     model.requires_grad_(True)
 
 def setup_stage(model, cfg, stage):
@@ -390,19 +354,14 @@ def setup_stage(model, cfg, stage):
     return params, torch.optim.AdamW(params, **kw), trainable
 
 def penalty_grad(model, theta0, method, reg):
-    """Add the gradient of λ‖θ−θ0‖₁ (λ·sign) or λ‖θ−θ0‖² (2λ·Δ); the logged loss stays the task's."""
+    """Add the gradient of λ‖θ−θ0‖₁ (λ·sign Δ) or λ‖θ−θ0‖² (2λ·Δ); the logged loss stays the task's."""
     for name, p in model.named_parameters():
-        if p.grad is not None:
+        if method in ("l1", "l2") and p.grad is not None:
             delta = p.detach() - theta0[name]
             p.grad.add_(delta.sign() if method == "l1" else delta, alpha=reg if method == "l1" else 2 * reg)
 
-
 # ----------------------------------------------------------------------------------------------
 # Training: one loop for pre-training and fine-tuning, single process or DDP
-
-class TrainingError(Exception):  # the loss diverged; the checkpoint on disk is the last good one
-    pass
-
 def get_lr(it, lr, warmup_iters, max_iters, min_ratio=0.1):  # linear warm-up, cosine to lr/10
     if it < warmup_iters:
         return lr * (it + 1) / warmup_iters
@@ -410,9 +369,8 @@ def get_lr(it, lr, warmup_iters, max_iters, min_ratio=0.1):  # linear warm-up, c
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_clip, ctx,
-          start=0, after_backward=None, save=None, ckpt_interval=0, log_interval=50, tag="train"):
-    """Iterations start..max_iters-1; get_batch() -> [(x, y, weight)], the loss is the weighted sum.
-    Returns (seconds, tokens). A non-finite loss stops the run before the step touches the weights."""
+          start=0, after_backward=lambda: None, save=None, ckpt_interval=0, log_interval=50, tag="train"):
+    """Iterations start..max_iters-1 on get_batch() -> [(x, y, weight)]; returns (seconds, tokens)."""
     params = [p for p in model.parameters() if p.requires_grad]
     t0, tokens, last = time.time(), 0, (time.time(), start)
     for it in range(start, max_iters):
@@ -423,13 +381,12 @@ def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_cl
             with ctx:
                 loss = loss + weight * fwd(x, y)[1]
             tokens += x.numel()
-        if not math.isfinite(loss.item()):
-            raise TrainingError(f"{tag}: loss is {loss.item()} at iter {it}; stopped, the last "
+        if not math.isfinite(loss.item()):  # stop before the step touches the weights
+            raise FloatingPointError(f"{tag}: loss is {loss.item()} at iter {it}; stopped, the last "
                                 "checkpoint on disk is intact (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        if after_backward is not None:
-            after_backward()
+        after_backward()  # e.g. the L1/L2 penalty's gradient
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
@@ -456,6 +413,10 @@ def setup_distributed(device):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
+def wrap(model, compile, world):  # what the loop calls: the model, compiled and/or DDP-wrapped
+    model = torch.compile(model) if compile else model
+    return DDP(model) if world > 1 else model
+
 def model_config(cfg):
     return ModelConfig(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, len(VOCAB))
 
@@ -468,20 +429,18 @@ def pretrain(cfg, corpus, device, ctx, rank, world):
     rng = random.Random(f"pretrain/{cfg.data_seed}")
     batch = lambda: [(*(t.to(device) for t in text_windows(
         corpus.train, cfg.block_size, cfg.pretrain_batch_size, rng, rank, world)), 1.0)]
-    seconds, tokens = train(DDP(model) if world > 1 else model, model, optimizer, batch, cfg.pretrain_iters,
+    seconds, tokens = train(wrap(model, cfg.compile, world), model, optimizer, batch, cfg.pretrain_iters,
                             cfg.pretrain_lr, cfg.pretrain_warmup, cfg.grad_clip, ctx,
                             log_interval=cfg.log_interval, tag="pretrain")
     metrics = {**fact_scores(model, corpus, device), "time_s": seconds, "tokens_per_s": tokens * world / seconds,
                "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device)}
-    log(f"pre-trained in {seconds:.0f} s: facts {metrics['fact_mc']:.1%} multiple choice, "
-        f"{metrics['fact_greedy']:.1%} greedy; held-out loss {metrics['heldout_loss']:.3f}")
+    log(f"pre-trained in {seconds:.0f} s: {json.dumps(metrics)}")
     return {"model": model.state_dict(), "config": asdict(cfg), "metrics": metrics}
 
-
 # ----------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, one clear error for an unreadable or mismatched file
-
+# One run: pre-train if missing (atomic checkpoints), fine-tune on each task, evaluate, write JSON
 def save_checkpoint(obj, path):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     torch.save(obj, path + ".tmp")
     os.replace(path + ".tmp", path)  # atomic: a crash mid-write leaves the previous file intact
 
@@ -501,7 +460,8 @@ def read_pretrained(path, mtime_ns):
 def check_same(saved, cfg, keys, path):
     diff = [f"{k}={saved.get(k)!r} (now {getattr(cfg, k)!r})" for k in keys if saved.get(k) != getattr(cfg, k)]
     if diff:
-        raise ValueError(f"checkpoint {path} does not match this run: {', '.join(diff)}; use another --out_dir or delete it")
+        raise ValueError(f"checkpoint {path} does not match this run: {', '.join(diff)}; "
+                         "use another --out_dir or delete it")
 
 def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
     path = os.path.join(cfg.out_dir, "pretrained.pt")
@@ -509,7 +469,6 @@ def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
         log(f"no pre-trained checkpoint at {path}: pre-training one ({cfg.pretrain_iters} iters)")
         ckpt = pretrain(cfg, corpus, device, ctx, rank, world)
         if rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
             save_checkpoint(ckpt, path)
         if world > 1:
             dist.barrier()
@@ -517,40 +476,32 @@ def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
     check_same(ckpt["config"], cfg, PRETRAIN_KEYS, path)
     return ckpt
 
-
-# ----------------------------------------------------------------------------------------------
-# One run: pre-train if missing, fine-tune on each task in turn, evaluate, write JSON
-
-def check_config(cfg):
-    tasks, ints = cfg.tasks.split(","), ("n_layer", "n_head", "n_embd", "block_size", "n_people",
-                                         "pretrain_iters", "pretrain_batch_size", "max_iters", "batch_size", "eval_problems")
+def check_config(cfg, world=1):
+    ints = ("n_layer", "n_head", "n_embd", "block_size", "n_people", "pretrain_iters", "pretrain_batch_size",
+            "max_iters", "batch_size", "eval_problems", "rank")
     checks = [
         (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}"),
-        (set(tasks) <= set(TASKS), f"--tasks: unknown task in {cfg.tasks!r}; choose from {', '.join(TASKS)}"),
-        (len(set(tasks)) == len(tasks), f"--tasks must not repeat a task, got {cfg.tasks!r}"),
+        (set(cfg.tasks.split(",")) <= set(TASKS), f"--tasks: unknown task in {cfg.tasks!r}, choose from {TASKS}"),
         (0 < cfg.alpha <= 1, f"--alpha must be in (0, 1], got {cfg.alpha}"),
         (cfg.filter in FILTERS, f"--filter must be one of {', '.join(FILTERS)}, got {cfg.filter!r}"),
         (0 < cfg.hft_ratio <= 1, f"--hft_ratio must be in (0, 1], got {cfg.hft_ratio}"),
-        (cfg.hft_strategy in hft.STRATEGIES, f"--hft_strategy must be one of {hft.STRATEGIES}, got {cfg.hft_strategy!r}"),
+        (cfg.hft_strategy in hft.STRATEGIES, f"--hft_strategy must be in {hft.STRATEGIES}, got {cfg.hft_strategy!r}"),
         (cfg.reg == -1 or cfg.reg >= 0, f"--reg must be >= 0 (or -1 for the default), got {cfg.reg}"),
-        (cfg.rank >= 1, f"--rank must be >= 1, got {cfg.rank}"),
-        (0 <= cfg.replay < 1, f"--replay must be in [0, 1), got {cfg.replay}"),
-        (0 < cfg.filler < 1, f"--filler must be in (0, 1), got {cfg.filler}"),
+        (0 <= cfg.replay < 1 and 0 < cfg.filler < 1, f"--replay must be in [0, 1) and --filler in (0, 1)"),
         (cfg.lr > 0 and cfg.pretrain_lr > 0, f"--lr and --pretrain_lr must be > 0, got {cfg.lr}, {cfg.pretrain_lr}"),
         (cfg.n_embd % (2 * cfg.n_head) == 0, f"--n_embd must be a multiple of 2·n_head (rotary), got {cfg.n_embd}"),
+        (cfg.batch_size % world == 0, f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks"),
     ] + [(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}") for k in ints]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
 
 def run(cfg: Config) -> dict:
-    """Pre-train if out_dir has no checkpoint, fine-tune on cfg.tasks in turn, evaluate; returns
-    the metrics that are also written to out_dir/<run_name>.json."""
+    """Pre-train if needed, fine-tune on cfg.tasks in turn, evaluate: the metrics of <run_name>.json."""
     check_config(cfg)
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     rank, world, device = setup_distributed(auto if cfg.device == "auto" else cfg.device)
-    if cfg.batch_size % world:
-        raise ValueError(f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks")
+    check_config(cfg, world)
     ctx = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
     cfg = replace(cfg, reg=REG_DEFAULT.get(cfg.method, 0.0) if cfg.reg == -1 else cfg.reg)
     name, tasks = cfg.run_name or cfg.method, cfg.tasks.split(",")
@@ -576,17 +527,17 @@ def run(cfg: Config) -> dict:
         state = {k: resume[k] for k in state}
         log(f"resuming {ckpt_path} at task {state['task']}, iter {state['iter_num']}")
 
-    def restore(optimizer):  # weights, optimizer and both random streams, as they were when saved
+    def restore(optimizer):  # weights, optimizer and both random streams as they were; resume done
         model.load_state_dict(resume["model"])
         if optimizer is not None:
             optimizer.load_state_dict(resume["optimizer"])
         torch.set_rng_state(resume["rng"]["torch"])
         rng.setstate(resume["rng"]["data"])
+        return None
 
     def save(optimizer, trainable, iter_num):
         state["iter_num"] = iter_num
         if rank == 0:
-            os.makedirs(cfg.out_dir, exist_ok=True)
             save_checkpoint({"model": model.state_dict(), "optimizer": optimizer and optimizer.state_dict(),
                              "hft": trainable, "config": asdict(cfg), **state,
                              "rng": {"torch": torch.get_rng_state(), "data": rng.getstate()}}, ckpt_path)
@@ -605,22 +556,16 @@ def run(cfg: Config) -> dict:
         return parts
 
     if resume is not None and resume["iter_num"] == 0:  # saved at a task boundary: merged weights
-        restore(None)
-        resume = None
+        resume = restore(None)
     for i in range(state["task"], len(tasks)):
         params, optimizer, trainable = setup_stage(model, cfg, i)
         if resume is not None:  # saved mid-task: restore after the stage is set up as it was then
-            restore(optimizer)
-            resume = None
-        fwd = torch.compile(model) if cfg.compile else model
-        fwd = DDP(fwd) if world > 1 else fwd
-        state["task"] = i
-        pull = (lambda: penalty_grad(model, theta0, cfg.method, cfg.reg)) if cfg.method in ("l1", "l2") else None
-        seconds, tokens = train(fwd, model, optimizer, functools.partial(batch, tasks[i]), cfg.max_iters,
-                                cfg.lr, cfg.warmup_iters, cfg.grad_clip, ctx, start=state["iter_num"],
-                                after_backward=pull, save=functools.partial(save, optimizer, trainable),
-                                ckpt_interval=cfg.ckpt_interval, log_interval=cfg.log_interval,
-                                tag=f"{cfg.method} {tasks[i]}")
+            resume = restore(optimizer)
+        seconds, tokens = train(wrap(model, cfg.compile, world), model, optimizer, functools.partial(batch, tasks[i]),
+                                cfg.max_iters, cfg.lr, cfg.warmup_iters, cfg.grad_clip, ctx, start=state["iter_num"],
+                                after_backward=functools.partial(penalty_grad, model, theta0, cfg.method, cfg.reg),
+                                save=functools.partial(save, optimizer, trainable), ckpt_interval=cfg.ckpt_interval,
+                                log_interval=cfg.log_interval, tag=f"{cfg.method} {tasks[i]}")
         state["time_s"], state["tokens"] = state["time_s"] + seconds, state["tokens"] + tokens * world
         merge_lora(model)
         state["R"] = state["R"] + [[task_accuracy(model, tests[t], device) for t in tasks]]
@@ -629,13 +574,13 @@ def run(cfg: Config) -> dict:
         save(None, trainable, 0)
     metrics = evaluate(model, theta0, cfg, corpus, pre["metrics"], state, tasks, device)
     if rank == 0:
-        with open(os.path.join(cfg.out_dir, f"{name}.json"), "w") as f:
-            json.dump(metrics, f, indent=1)
+        Path(cfg.out_dir, f"{name}.json").write_text(json.dumps(metrics, indent=1))
         print_table(metrics)
     return metrics
 
 def evaluate(model, theta0, cfg, corpus, before, state, tasks, device):
-    after = {**fact_scores(model, corpus, device), "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device)}
+    after = fact_scores(model, corpus, device)
+    after["heldout_loss"] = estimate_loss(model, corpus.heldout, cfg.block_size, device)
     R, T = state["R"], len(tasks)
     delta = [(p.detach() - theta0[n]).flatten() for n, p in model.named_parameters()]
     dist_abs, norm0 = torch.cat(delta).norm().item(), torch.cat([p.flatten() for p in theta0.values()]).norm().item()
@@ -646,54 +591,48 @@ def evaluate(model, theta0, cfg, corpus, before, state, tasks, device):
          "frac_changed": sum((d != 0).sum().item() for d in delta) / sum(d.numel() for d in delta),
          "time_s": state["time_s"], "tokens_per_s": state["tokens"] / max(state["time_s"], 1e-9),
          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pretrain_time_s": before["time_s"]}
-    for k in ("fact_mc", "fact_greedy", "heldout_loss"):
+    for k in ("fact_mc", "fact_greedy", "heldout_loss"):  # forgetting: drops in knowledge, rise in loss
         m[f"{k}_before"], m[f"{k}_after"] = before[k], after[k]
-    m["forget_mc"], m["forget_greedy"] = before["fact_mc"] - after["fact_mc"], before["fact_greedy"] - after["fact_greedy"]
+    m["forget_mc"], m["forget_greedy"] = (before[k] - after[k] for k in ("fact_mc", "fact_greedy"))
     m["heldout_loss_rise"] = after["heldout_loss"] - before["heldout_loss"]
     return m
 
 def print_table(m):
-    row = lambda label, a, b, f="8.1%", scale=100: print(f"{label:26s}{a:{f}} {b:{f}} {scale * (b - a):+8.{1 if scale == 100 else 3}f}")
-    print(f"\n{m['method'] + ' on ' + ','.join(m['tasks']):26s}  before    after   change")
+    def row(label, a, b, percent=True):
+        print(f"{label:28s}{a:8.1%} {b:8.1%} {100 * (b - a):+8.1f}" if percent else
+              f"{label:28s}{a:8.3f} {b:8.3f} {b - a:+8.3f}")
+    print(f"\n{m['method'] + ' on ' + ','.join(m['tasks']):28s}  before    after   change")
     for t, a0, a1 in zip(m["tasks"], m["R0"], m["R"][-1]):
         row(f"task accuracy ({t})", a0, a1)
-    row(f"facts, multiple choice", m["fact_mc_before"], m["fact_mc_after"])
-    print(f"{'  (chance)':26s}{m['fact_chance']:8.1%}")
+    row(f"facts, MC (chance {m['fact_chance']:.1%})", m["fact_mc_before"], m["fact_mc_after"])
     row("facts, greedy recall", m["fact_greedy_before"], m["fact_greedy_after"])
-    row("held-out loss", m["heldout_loss_before"], m["heldout_loss_after"], "8.3f", 1)
+    row("held-out loss", m["heldout_loss_before"], m["heldout_loss_after"], percent=False)
     if len(m["tasks"]) > 1:
         print(f"continual: OP {m['OP']:.1%}, BWT {m['BWT']:+.1%}")
     print(f"|θ-θ0| {m['dist_abs']:.3f} (relative {m['dist_rel']:.3f}), entries changed {m['frac_changed']:.1%}; "
           f"fine-tuning {m['time_s']:.1f} s, {m['tokens_per_s']:,.0f} tokens/s")
 
-
 # ----------------------------------------------------------------------------------------------
 # Command line: argparse generated from Config; bad input gives one line and a non-zero exit
-
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of the usage block
         raise ValueError(message)
-
-def parse_bool(s):
-    if s.lower() not in ("1", "true", "0", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
-    return s.lower() in ("1", "true")
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                    help="start from a named set of defaults (smoke: the whole pipeline in seconds)")
     for f in fields(Config):
-        kind = parse_bool if isinstance(f.default, bool) else type(f.default)
-        p.add_argument(f"--{f.name}", type=kind, default=argparse.SUPPRESS, help=f"{f.metadata['help']} "
-                       f"(default: {f.default!r})", **(dict(nargs="?", const=True) if kind is parse_bool else {}))
+        kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
+        p.add_argument(f"--{f.name}", default=argparse.SUPPRESS, help=f"{f.metadata['help']} (default: {f.default!r})",
+                       **kind)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults suppressed)
     return Config(**{**PRESETS.get(given.pop("preset", None), {}), **given})
 
 def main(argv=None):
     try:
         run(parse_args(argv))
-    except (ValueError, TrainingError) as e:  # bad flags, checkpoints or a diverged run
+    except (ValueError, FloatingPointError) as e:  # bad flags, checkpoints or a diverged run
         print(f"train_tiny.py: error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -20,6 +20,10 @@ import train_tiny as tt  # noqa: E402
 SMOKE = tt.Config(**tt.PRESETS["smoke"])
 
 
+def decode(ids):
+    return "".join(tt.VOCAB[i] for i in ids)
+
+
 @pytest.fixture(scope="module")
 def smoke_dir(tmp_path_factory):
     """A smoke out_dir with a pre-trained checkpoint, shared by the tests below."""
@@ -139,10 +143,10 @@ def test_corpus_is_deterministic():
     assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout) and a.probes == b.probes
     assert not torch.equal(a.train, c.train) and a.probes != c.probes
     assert len(a.probes) == 4 * 20
-    text = tt.decode(a.train.tolist())
+    text = decode(a.train.tolist())
     for attr, prompt, value in a.probes:  # every probed fact is stated in pre-training text
         assert f"{prompt[1:]} {value}." in text
-    held = set(tt.decode(a.heldout.tolist()).split("\n")[1:])
+    held = set(decode(a.heldout.tolist()).split("\n")[1:])
     assert held and not held & set(text.split("\n"))  # held-out sentences never seen
     for task in tt.TASKS:
         problems = tt.test_problems.__wrapped__(task, 0, 50)
@@ -160,7 +164,7 @@ class Oracle(torch.nn.Module):
 
     def forward(self, idx, targets=None):
         logits = torch.zeros(*idx.shape, len(tt.VOCAB))
-        where = [(b, t, tt.STOI[self.next[s[:t + 1]]]) for b, s in enumerate(map(tt.decode, idx.tolist()))
+        where = [(b, t, tt.STOI[self.next[s[:t + 1]]]) for b, s in enumerate(map(decode, idx.tolist()))
                  for t in range(len(s)) if s[:t + 1] in self.next]
         logits[tuple(torch.tensor(where).T)] = 50.0
         return logits, None
@@ -191,8 +195,9 @@ def test_help_lists_every_flag_with_default(capsys):
 
 
 def test_flags_override_the_preset():
-    cfg = tt.parse_args(["--preset", "smoke", "--n_embd", "48", "--compile"])
-    assert cfg.n_embd == 48 and cfg.n_layer == 2 and cfg.compile is True
+    cfg = tt.parse_args(["--preset", "smoke", "--n_embd", "48", "--compile", "--no-resume"])
+    assert cfg.n_embd == 48 and cfg.n_layer == 2 and cfg.compile is True and cfg.resume is False
+    assert tt.parse_args([]) == tt.Config()
 
 
 def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
@@ -223,3 +228,21 @@ def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
         assert cases[name][1] in lines[0], (name, lines[0])
     # the diverged run left its last checkpoint readable and no half-written file
     assert tt.read_checkpoint(str(out / "nan.pt"))["iter_num"] >= 1 and not list(out.glob("*.tmp"))
+
+
+def test_lora_trains_only_BA_and_merges_into_the_same_names():
+    torch.manual_seed(0)
+    model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 16, len(tt.VOCAB)))
+    names = [n for n, _ in model.named_parameters()]
+    params = tt.add_lora(model, rank=4)
+    assert len(params) == 2 * 7 * 2 and all(p.requires_grad for p in params)  # A, B on 7 matrices, 2 blocks
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    x = torch.randint(len(tt.VOCAB), (3, 16))
+    with torch.no_grad():
+        for p in params:
+            p.normal_()  # B != 0, so the adapter changes the function
+        before = model(x)[0]
+    tt.merge_lora(model)
+    assert [n for n, _ in model.named_parameters()] == names
+    assert all(p.requires_grad for p in model.parameters())
+    torch.testing.assert_close(model(x)[0], before, rtol=1e-4, atol=1e-4)
