@@ -129,13 +129,13 @@ def workspace(work, m):
 def _check_group(group):
     beta1, beta2 = group["betas"]
     if not 0.0 <= group["lr"]:
-        raise ValueError(f"lr must be >= 0, got {group['lr']}")
+        raise ValueError(f"lr must be in [0, inf), got {group['lr']}")
     if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
         raise ValueError(f"betas must both be in [0, 1), got {group['betas']}")
     if not 0.0 <= group["eps"]:
-        raise ValueError(f"eps must be >= 0, got {group['eps']}")
+        raise ValueError(f"eps must be in [0, inf), got {group['eps']}")
     if not 0.0 <= group["weight_decay"]:
-        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']}")
+        raise ValueError(f"weight_decay must be in [0, inf), got {group['weight_decay']}")
     if not 0.0 < group["alpha"] <= 1.0:
         raise ValueError(f"alpha must be in (0, 1], got {group['alpha']}")
     if group["filter"] not in FILTERS:

@@ -1,0 +1,424 @@
+"""Tests for mofo.py: oracle checks against torch.optim.AdamW and torch.topk, exact counts,
+state_dict round trips, and argument checks. CPU, seconds."""
+import copy
+import io
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import mofo
+from mofo import MoFO, gd_mofo_step_, topk_mask, topk_threshold
+
+
+def reference_mask(x, k):
+    """The obvious exact mask: |x| >= the k-th largest |x| from a full torch.topk."""
+    a = x.abs()
+    return a >= torch.topk(a.reshape(-1), k).values[-1]
+
+
+def small_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def loss_on_batch(model, step):
+    gen = torch.Generator().manual_seed(1000 + step)
+    x, y = torch.randn(32, 6, generator=gen), torch.randn(32, 3, generator=gen)
+    return torch.nn.functional.mse_loss(model(x), y)
+
+
+def train(model, opt, steps, start=0):
+    for step in range(start, start + steps):
+        opt.zero_grad()
+        loss_on_batch(model, step).backward()
+        opt.step()
+
+
+def set_grads(params, step):
+    gen = torch.Generator().manual_seed(step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+
+
+# --- alpha = 1 is AdamW -------------------------------------------------------------------
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_alpha_one_is_adamw_bitwise(weight_decay, maximize):
+    model_a, model_b = small_model(), small_model()
+    opt_a = MoFO(model_a.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6,
+                 weight_decay=weight_decay, alpha=1.0, maximize=maximize)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6,
+                              weight_decay=weight_decay, maximize=maximize, foreach=False)
+    train(model_a, opt_a, 50)
+    train(model_b, opt_b, 50)
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt_a.state[p][key], opt_b.state[q][key])
+    assert opt_a.last_update_fraction == 1.0
+
+
+def test_selected_entries_follow_adamw_exactly():
+    # Moments are dense, so with the same gradients MoFO's moments equal AdamW's at every
+    # step; each step, selected entries land exactly where AdamW would put them from the
+    # same point, and the others do not move.
+    torch.manual_seed(0)
+    shapes = [(40, 50), (300, 200)]  # the second goes through the sampled threshold
+    p_mofo = [torch.randn(s, requires_grad=True) for s in shapes]
+    p_adam = [p.detach().clone().requires_grad_() for p in p_mofo]
+    opt = MoFO(p_mofo, lr=1e-2, weight_decay=0.05, alpha=0.2)
+    ref = torch.optim.AdamW(p_adam, lr=1e-2, weight_decay=0.05, foreach=False)
+    for step in range(5):
+        with torch.no_grad():
+            for p, q in zip(p_mofo, p_adam):
+                q.copy_(p)
+        before = [p.detach().clone() for p in p_mofo]
+        set_grads(p_mofo, step)
+        set_grads(p_adam, step)
+        opt.step()
+        ref.step()
+        for p, q, b in zip(p_mofo, p_adam, before):
+            mask = reference_mask(opt.state[p]["exp_avg"], math.floor(0.2 * p.numel()))
+            decayed = b * (1 - 1e-2 * 0.05)
+            assert torch.equal(p[mask], q[mask])
+            assert torch.equal(p[~mask], decayed[~mask])
+            assert torch.equal(opt.state[p]["exp_avg"], ref.state[q]["exp_avg"])
+            assert torch.equal(opt.state[p]["exp_avg_sq"], ref.state[q]["exp_avg_sq"])
+
+
+# --- the fast threshold is the exact one --------------------------------------------------
+
+def mask_cases():
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randn(300, 200, generator=gen)  # > 4 * SAMPLE_SIZE entries: the sampled path
+    yield "random small", torch.randn(37, 41, generator=gen)
+    yield "random big", big
+    yield "odd size", torch.randn(70001, generator=gen)  # not a multiple of 8
+    yield "many ties", torch.randint(-3, 4, (300, 200), generator=gen).float()
+    yield "ties at tau", torch.cat([torch.ones(30000), torch.randn(40000, generator=gen)])
+    yield "all zeros", torch.zeros(300, 200)
+    yield "one element", torch.tensor([[-2.5]])
+    yield "huge and tiny", torch.randn(300, 200, generator=gen) * 10.0 ** torch.randint(-40, 38, (300, 200), generator=gen)
+    yield "subnormals", torch.randn(70000, generator=gen) * 1e-42
+    yield "transposed view", big.t()
+    yield "strided view", big[::2, 1::3]
+    yield "float64", torch.randn(300, 200, generator=gen, dtype=torch.float64)
+    yield "bfloat16", torch.randn(300, 200, generator=gen).bfloat16()
+
+
+@pytest.mark.parametrize("name,x", list(mask_cases()), ids=[c[0] for c in mask_cases()])
+def test_topk_mask_equals_torch_topk(name, x):
+    n = x.numel()
+    for k in sorted({1, 2, n // 100, n // 10, n // 3, n // 2, n - 1, n} & set(range(1, n + 1))):
+        got = topk_mask(x, k)
+        assert got.shape == x.shape and got.dtype == torch.bool
+        assert torch.equal(got, reference_mask(x, k)), (name, k)
+
+
+def test_topk_threshold_count_and_exactly_k_without_ties():
+    x = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
+    for k in (1, 7, 6000, 30000, 59999):
+        tau, count = topk_threshold(x.abs(), k)
+        assert count == k == int(topk_mask(x, k).sum())
+        assert tau == torch.topk(x.abs().reshape(-1), k).values[-1]
+    assert topk_mask(x, 0).sum() == 0
+
+
+def test_topk_threshold_when_the_bracket_misses(monkeypatch):
+    # A bracket of zero width misses tau on one side or the other most of the time; the
+    # fallback to a full selection must still give the exact mask.
+    monkeypatch.setattr(mofo, "SAMPLE_Z", -1.0)
+    full_selections = []
+    kth = mofo.kth_largest
+    monkeypatch.setattr(mofo, "kth_largest", lambda x, k: full_selections.append(x.numel()) or kth(x, k))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(10):
+        x = torch.randn(300, 200, generator=gen)
+        for k in (10, 6000, 50000):
+            assert torch.equal(topk_mask(x, k), reference_mask(x, k))
+    assert 60000 in full_selections  # the fallback did run
+
+
+def test_off_by_one_threshold_would_be_caught():
+    # The reference and the exact counts tell apart the k-th and the (k+1)-th value.
+    x = torch.randn(300, 200, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(reference_mask(x, 6000), reference_mask(x, 6001))
+    assert int(topk_mask(x, 6000).sum()) == 6000
+
+
+# --- the optimizer ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("filter", mofo.FILTERS)
+def test_exactly_floor_alpha_n_entries_move(filter):
+    torch.manual_seed(0)
+    matrices = [torch.randn(40, 50, requires_grad=True), torch.randn(300, 200, requires_grad=True)]
+    vector = torch.randn(50, requires_grad=True)
+    tiny = torch.randn(3, 3, requires_grad=True)  # floor(0.1 * 9) = 0 -> max(1, k) = 1
+    params = matrices + [vector, tiny]
+    opt = MoFO(params, lr=1e-3, alpha=0.1, filter=filter)
+    total = sum(p.numel() for p in params)
+    for step in range(4):
+        before = [p.detach().clone() for p in params]
+        moments = [opt.state[p]["exp_avg"].clone() for p in params] if step else None
+        set_grads(params, step)
+        opt.step()
+        moved = [int((p != b).sum()) for p, b in zip(params, before)]
+        if filter != "update":  # the "update" score |m|/denom has exact ties; see below
+            assert moved[:2] == [200, 6000]
+            assert moved[3] == 1
+            assert opt.last_update_fraction == (200 + 6000 + 50 + 1) / total
+        assert moved[2] == 50  # 1-D tensors are dense
+        if step:  # every entry's momentum moves, selected or not
+            for p, m0 in zip(params, moments):
+                assert bool((opt.state[p]["exp_avg"] != m0).all())
+
+
+def test_update_filter_picks_largest_adam_step():
+    torch.manual_seed(0)
+    p = torch.randn(60, 70, requires_grad=True)
+    opt = MoFO([p], lr=1e-3, alpha=0.1, filter="update")
+    for step in range(3):
+        set_grads([p], step)
+        opt.step()
+    before = p.detach().clone()
+    set_grads([p], 3)
+    # predict the step: moments and Adam step size per entry, then the top 10% of them
+    m = opt.state[p]["exp_avg"].lerp(p.grad, 0.1)
+    v = opt.state[p]["exp_avg_sq"].mul(0.999).addcmul(p.grad, p.grad, value=0.001)
+    update = m.abs() / ((v.sqrt() / math.sqrt(1 - 0.999 ** 4)).add(1e-8))
+    opt.step()
+    assert torch.equal(p != before, reference_mask(update, 420))
+
+
+def test_gradient_filter_picks_largest_gradients():
+    torch.manual_seed(0)
+    p = torch.randn(60, 70, requires_grad=True)
+    opt = MoFO([p], lr=1e-3, alpha=0.1, filter="gradient")
+    for step in range(3):
+        before = p.detach().clone()
+        set_grads([p], step)
+        opt.step()
+        assert torch.equal(p != before, reference_mask(p.grad, 420))
+
+
+def test_random_filter_is_seeded():
+    def moved_sets(seed):
+        torch.manual_seed(0)
+        p = torch.randn(60, 70, requires_grad=True)
+        opt = MoFO([p], alpha=0.1, filter="random", seed=seed)
+        sets = []
+        for step in range(3):
+            before = p.detach().clone()
+            set_grads([p], step)
+            opt.step()
+            sets.append(p != before)
+        return sets
+    a, b, c = moved_sets(0), moved_sets(0), moved_sets(1)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not torch.equal(a[0], c[0])
+    assert not torch.equal(a[0], a[1])  # a fresh draw every step
+
+
+def test_random_filter_leaves_global_rng_alone():
+    torch.manual_seed(5)
+    expected = torch.rand(4)
+    p = torch.randn(300, 200, requires_grad=True)
+    opt = MoFO([p], alpha=0.1, filter="random")
+    q = torch.randn(300, 200, requires_grad=True)
+    opt_m = MoFO([q], alpha=0.1)
+    torch.manual_seed(5)
+    for step in range(2):
+        set_grads([p, q], step)
+        opt.step()
+        opt_m.step()
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("filter", mofo.FILTERS)
+def test_state_dict_round_trip_in_lock_step(filter):
+    model_a = small_model()
+    opt_a = MoFO(model_a.parameters(), lr=1e-2, alpha=0.3, filter=filter, weight_decay=0.01, seed=7)
+    train(model_a, opt_a, 5)
+    buffer = io.BytesIO()
+    torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, buffer)
+    buffer.seek(0)
+    checkpoint = torch.load(buffer)
+    model_b = small_model(seed=99)
+    model_b.load_state_dict(checkpoint["model"])
+    opt_b = MoFO(model_b.parameters(), lr=1e-2, alpha=0.3, filter=filter, weight_decay=0.01, seed=8)
+    opt_b.load_state_dict(checkpoint["opt"])
+    assert torch.equal(copy.deepcopy(opt_a).generator.get_state(), opt_a.generator.get_state())
+    model_c = small_model(seed=98)
+    model_c.load_state_dict(model_a.state_dict())
+    opt_c = MoFO(model_c.parameters(), lr=1e-2, alpha=0.3, filter=filter, weight_decay=0.01)
+    opt_c.load_state_dict(copy.deepcopy(opt_a.state_dict()))
+    train(model_a, opt_a, 5, start=5)
+    train(model_b, opt_b, 5, start=5)
+    train(model_c, opt_c, 5, start=5)
+    for p, q, r in zip(model_a.parameters(), model_b.parameters(), model_c.parameters()):
+        assert torch.equal(p, q) and torch.equal(p, r)
+
+
+def test_lr_scheduler_drives_the_step():
+    torch.manual_seed(0)
+    p = torch.randn(20, 30, requires_grad=True)
+    opt = MoFO([p], lr=0.1, alpha=0.5)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: [1.0, 0.0, 0.5][step % 3])
+    lrs, moved = [], []
+    for step in range(3):
+        before = p.detach().clone()
+        set_grads([p], step)
+        opt.step()
+        lrs.append(opt.param_groups[0]["lr"])
+        moved.append(float((p.detach() - before).abs().max()))
+        sched.step()
+    assert lrs == [0.1, 0.0, 0.05]
+    assert moved[0] > 0 and moved[1] == 0 and moved[2] > 0
+    opt = MoFO([p], lr=1.0)
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    opt.step()
+    cosine.step()
+    assert cosine.get_last_lr()[0] == pytest.approx(0.5 * (1 + math.cos(math.pi / 10)))
+
+
+@pytest.mark.parametrize("maximize", [False, True])
+def test_quadratic_goes_the_right_way(maximize):
+    torch.manual_seed(0)
+    target = torch.randn(30, 40)
+    x = torch.zeros(30, 40, requires_grad=True)
+    opt = MoFO([x], lr=0.05, alpha=0.1, maximize=maximize)
+
+    def closure():
+        opt.zero_grad()
+        loss = ((x - target) ** 2).sum()
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(200)]
+    if maximize:
+        assert losses[-1] > 2 * losses[0]
+    else:
+        assert losses[-1] < 0.1 * losses[0]
+        assert losses == sorted(losses, reverse=True)  # monotone on a separable quadratic
+
+
+def test_params_without_grad_are_untouched():
+    model = small_model()
+    opt = MoFO(model.parameters(), lr=1e-2, alpha=0.2)
+    frozen = model[0].weight
+    frozen.requires_grad_(False)
+    before = frozen.detach().clone()
+    train(model, opt, 3)
+    assert torch.equal(frozen, before)
+    assert frozen not in opt.state
+
+
+def test_param_groups_are_independent():
+    def params():
+        torch.manual_seed(0)
+        return [torch.randn(40, 50, requires_grad=True), torch.randn(300, 200, requires_grad=True)]
+    a, b = params()
+    joint = MoFO([{"params": [a], "alpha": 0.05, "lr": 1e-2},
+                  {"params": [b], "alpha": 0.3, "filter": "gradient", "lr": 1e-3}])
+    a2, b2 = params()
+    alone_a = MoFO([a2], alpha=0.05, lr=1e-2)
+    alone_b = MoFO([b2], alpha=0.3, filter="gradient", lr=1e-3)
+    for step in range(4):
+        set_grads([a, b], step)
+        set_grads([a2, b2], step)
+        joint.step()
+        alone_a.step()
+        alone_b.step()
+    assert torch.equal(a, a2) and torch.equal(b, b2)
+
+
+def test_bf16_params_keep_fp32_moments():
+    # Same gradients (bf16 values) for a bf16 and an fp32 copy of the same weights: the fp32
+    # moments agree bit for bit, and the bf16 weights are the fp32 result rounded once.
+    torch.manual_seed(0)
+    p16 = torch.randn(300, 200).bfloat16().requires_grad_()
+    p32 = p16.detach().float().requires_grad_()
+    opt16, opt32 = MoFO([p16], lr=1e-2, alpha=0.1), MoFO([p32], lr=1e-2, alpha=0.1)
+    for step in range(3):
+        p16.grad = torch.randn(300, 200, generator=torch.Generator().manual_seed(step)).bfloat16()
+        p32.grad = p16.grad.float()
+        with torch.no_grad():
+            p32.copy_(p16)
+        opt16.step()
+        opt32.step()
+        assert opt16.state[p16]["exp_avg"].dtype == torch.float32
+        assert opt16.state[p16]["exp_avg_sq"].dtype == torch.float32
+        assert torch.equal(opt16.state[p16]["exp_avg"], opt32.state[p32]["exp_avg"])
+        assert torch.equal(opt16.state[p16]["exp_avg_sq"], opt32.state[p32]["exp_avg_sq"])
+        assert p16.dtype == torch.bfloat16 and torch.equal(p16, p32.bfloat16())
+    restored = MoFO([p16.detach().clone().requires_grad_()])
+    restored.load_state_dict(opt16.state_dict())
+    assert next(iter(restored.state.values()))["exp_avg"].dtype == torch.float32
+
+
+def test_closure_is_called_with_grad_enabled_and_loss_returned():
+    x = torch.ones(4, 4, requires_grad=True)
+    opt = MoFO([x], alpha=0.5)
+
+    def closure():
+        assert torch.is_grad_enabled()
+        opt.zero_grad()
+        loss = (x ** 2).sum()
+        loss.backward()
+        return loss
+
+    with torch.no_grad():
+        assert float(opt.step(closure)) == 16.0
+    assert opt.step() is None
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(alpha=-0.1), "alpha"),
+    (dict(lr=-1e-3), "lr"), (dict(betas=(1.0, 0.999)), "betas"), (dict(betas=(0.9, -0.1)), "betas"),
+    (dict(eps=-1e-8), "eps"), (dict(weight_decay=-0.1), "weight_decay"),
+    (dict(filter="magnitude"), "filter"),
+])
+def test_bad_arguments_raise_value_error(kwargs, name):
+    with pytest.raises(ValueError, match=name) as info:
+        MoFO([torch.zeros(2, 2, requires_grad=True)], **kwargs)
+    assert any(ch in str(info.value) for ch in "[(")  # names the allowed range or choices
+
+
+def test_bad_param_group_raises_value_error():
+    opt = MoFO([torch.zeros(2, 2, requires_grad=True)])
+    with pytest.raises(ValueError, match="alpha"):
+        opt.add_param_group({"params": [torch.zeros(3, requires_grad=True)], "alpha": 2.0})
+
+
+def test_sparse_gradients_raise_value_error():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    opt = MoFO(emb.parameters())
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        opt.step()
+
+
+# --- GD-MoFO for theory/ ------------------------------------------------------------------
+
+def test_gd_mofo_alpha_one_is_plain_gd():
+    rng = np.random.default_rng(0)
+    theta = [torch.from_numpy(rng.standard_normal((5, 7))), torch.from_numpy(rng.standard_normal(9))]
+    grads = [torch.from_numpy(rng.standard_normal((5, 7))), torch.from_numpy(rng.standard_normal(9))]
+    expected = [t - 0.1 * g for t, g in zip(theta, grads)]
+    gd_mofo_step_(theta, grads, lr=0.1, alpha=1.0)
+    for t, e in zip(theta, expected):
+        assert t.dtype == torch.float64 and torch.equal(t, e)
+
+
+def test_gd_mofo_uses_ceil_and_keeps_an_alpha_share_of_the_norm():
+    rng = np.random.default_rng(1)
+    g = torch.from_numpy(rng.standard_normal((10, 10)))
+    theta = torch.zeros(10, 10, dtype=torch.float64)
+    gd_mofo_step_([theta], [g], lr=1.0, alpha=0.123)  # ceil(12.3) = 13 entries, not 12
+    moved = theta != 0
+    assert int(moved.sum()) == 13
+    assert torch.equal(moved, reference_mask(g, 13))
+    assert float((g * moved).pow(2).sum()) >= 0.123 * float(g.pow(2).sum())
