@@ -16,9 +16,10 @@ with alpha=1.0 take the plain dense AdamW step; with alpha=1.0 everywhere MoFO *
 torch.optim.AdamW(foreach=False), bit for bit, because the arithmetic below is written in the
 same operation order as torch's single-tensor AdamW.
 
-The mask is exact but costs about as much as the Adam arithmetic itself: the k-th largest value
-is found from a small random sample that brackets it, one pass that collects the entries above
-the bracket's lower end, and an exact selection among those few (see topk_threshold).
+The mask is exact without a full sort: a strided sample brackets the k-th largest |m|, two
+comparison passes count the entries above the bracket and find the few inside it, and an exact
+selection among those few gives tau (see topk_threshold). The temporaries live in one buffer
+reused by all tensors of a step (see workspace).
 """
 import math
 
@@ -63,7 +64,7 @@ def topk_threshold(score, k, scratch=None):
     spread = SAMPLE_Z * math.sqrt(mean * (1 - k / n)) + 1
     top = torch.topk(sample, min(SAMPLE_SIZE, math.ceil(mean + spread))).values  # descending
     lo = top[-1]
-    hi = top[math.floor(mean - spread) - 1] if mean - spread >= 1 else torch.tensor(math.inf, device=s.device)
+    hi = top[math.floor(mean - spread) - 1] if mean - spread >= 1 else s.new_tensor(math.inf)
     # 2. Comparisons written as int8 (several times faster than bool on CPU).
     if scratch is None:
         scratch = torch.empty(2 * n, dtype=torch.int8, device=s.device)

@@ -66,7 +66,7 @@ def test_selected_entries_follow_adamw_exactly():
     # step; each step, selected entries land exactly where AdamW would put them from the
     # same point, and the others do not move.
     torch.manual_seed(0)
-    shapes = [(40, 50), (300, 200)]  # the second goes through the sampled threshold
+    shapes = [(40, 50), (400, 250)]  # the second goes through the sampled threshold
     p_mofo = [torch.randn(s, requires_grad=True) for s in shapes]
     p_adam = [p.detach().clone().requires_grad_() for p in p_mofo]
     opt = MoFO(p_mofo, lr=1e-2, weight_decay=0.05, alpha=0.2)
@@ -93,20 +93,21 @@ def test_selected_entries_follow_adamw_exactly():
 
 def mask_cases():
     gen = torch.Generator().manual_seed(0)
-    big = torch.randn(300, 200, generator=gen)  # > 4 * SAMPLE_SIZE entries: the sampled path
+    big = torch.randn(400, 250, generator=gen)  # > 4 * SAMPLE_SIZE entries: the sampled path
+    assert big.numel() > 4 * mofo.SAMPLE_SIZE
     yield "random small", torch.randn(37, 41, generator=gen)
     yield "random big", big
     yield "odd size", torch.randn(70001, generator=gen)  # not a multiple of 8
-    yield "many ties", torch.randint(-3, 4, (300, 200), generator=gen).float()
+    yield "many ties", torch.randint(-3, 4, (400, 250), generator=gen).float()
     yield "ties at tau", torch.cat([torch.ones(30000), torch.randn(40000, generator=gen)])
-    yield "all zeros", torch.zeros(300, 200)
+    yield "all zeros", torch.zeros(400, 250)
     yield "one element", torch.tensor([[-2.5]])
-    yield "huge and tiny", torch.randn(300, 200, generator=gen) * 10.0 ** torch.randint(-40, 38, (300, 200), generator=gen)
+    yield "huge and tiny", torch.randn(400, 250, generator=gen) * 10.0 ** torch.randint(-40, 38, (400, 250), generator=gen)
     yield "subnormals", torch.randn(70000, generator=gen) * 1e-42
     yield "transposed view", big.t()
     yield "strided view", big[::2, 1::3]
-    yield "float64", torch.randn(300, 200, generator=gen, dtype=torch.float64)
-    yield "bfloat16", torch.randn(300, 200, generator=gen).bfloat16()
+    yield "float64", torch.randn(400, 250, generator=gen, dtype=torch.float64)
+    yield "bfloat16", torch.randn(400, 250, generator=gen).bfloat16()
 
 
 @pytest.mark.parametrize("name,x", list(mask_cases()), ids=[c[0] for c in mask_cases()])
@@ -119,8 +120,8 @@ def test_topk_mask_equals_torch_topk(name, x):
 
 
 def test_topk_threshold_count_and_exactly_k_without_ties():
-    x = torch.randn(300, 200, generator=torch.Generator().manual_seed(1))
-    for k in (1, 7, 6000, 30000, 59999):
+    x = torch.randn(400, 250, generator=torch.Generator().manual_seed(1))
+    for k in (1, 7, 10000, 50000, 99999):
         tau, count = topk_threshold(x.abs(), k)
         assert count == k == int(topk_mask(x, k).sum())
         assert tau == torch.topk(x.abs().reshape(-1), k).values[-1]
@@ -130,33 +131,33 @@ def test_topk_threshold_count_and_exactly_k_without_ties():
 def test_topk_threshold_when_the_bracket_misses(monkeypatch):
     # A bracket of zero width misses tau on one side or the other most of the time; the
     # fallback to a full selection must still give the exact mask.
-    monkeypatch.setattr(mofo, "SAMPLE_Z", -1.0)
+    monkeypatch.setattr(mofo, "SAMPLE_Z", 0.0)
     full_selections = []
     kth = mofo.kth_largest
     monkeypatch.setattr(mofo, "kth_largest", lambda x, k: full_selections.append(x.numel()) or kth(x, k))
     gen = torch.Generator().manual_seed(2)
     for _ in range(10):
-        x = torch.randn(300, 200, generator=gen)
-        for k in (10, 6000, 50000):
+        x = torch.randn(400, 250, generator=gen)
+        for k in (10, 10000, 80000):
             assert torch.equal(topk_mask(x, k), reference_mask(x, k))
-    assert 60000 in full_selections  # the fallback did run
+    assert 100000 in full_selections  # the fallback did run
 
 
 def test_off_by_one_threshold_would_be_caught():
     # The reference and the exact counts tell apart the k-th and the (k+1)-th value.
-    x = torch.randn(300, 200, generator=torch.Generator().manual_seed(3))
-    assert not torch.equal(reference_mask(x, 6000), reference_mask(x, 6001))
-    assert int(topk_mask(x, 6000).sum()) == 6000
+    x = torch.randn(400, 250, generator=torch.Generator().manual_seed(3))
+    assert not torch.equal(reference_mask(x, 10000), reference_mask(x, 10001))
+    assert int(topk_mask(x, 10000).sum()) == 10000
 
 
 # --- the optimizer ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("filter", mofo.FILTERS)
 def test_exactly_floor_alpha_n_entries_move(filter):
-    torch.manual_seed(0)
-    matrices = [torch.randn(40, 50, requires_grad=True), torch.randn(300, 200, requires_grad=True)]
-    vector = torch.randn(50, requires_grad=True)
-    tiny = torch.randn(3, 3, requires_grad=True)  # floor(0.1 * 9) = 0 -> max(1, k) = 1
+    # weights start at 0, so that no selected entry's update is lost to rounding
+    matrices = [torch.zeros(40, 50, requires_grad=True), torch.zeros(400, 250, requires_grad=True)]
+    vector = torch.zeros(50, requires_grad=True)
+    tiny = torch.zeros(3, 3, requires_grad=True)  # floor(0.1 * 9) = 0 -> max(1, k) = 1
     params = matrices + [vector, tiny]
     opt = MoFO(params, lr=1e-3, alpha=0.1, filter=filter)
     total = sum(p.numel() for p in params)
@@ -167,9 +168,9 @@ def test_exactly_floor_alpha_n_entries_move(filter):
         opt.step()
         moved = [int((p != b).sum()) for p, b in zip(params, before)]
         if filter != "update":  # the "update" score |m|/denom has exact ties; see below
-            assert moved[:2] == [200, 6000]
+            assert moved[:2] == [200, 10000]
             assert moved[3] == 1
-            assert opt.last_update_fraction == (200 + 6000 + 50 + 1) / total
+            assert opt.last_update_fraction == (200 + 10000 + 50 + 1) / total
         assert moved[2] == 50  # 1-D tensors are dense
         if step:  # every entry's momentum moves, selected or not
             for p, m0 in zip(params, moments):
@@ -225,9 +226,9 @@ def test_random_filter_is_seeded():
 def test_random_filter_leaves_global_rng_alone():
     torch.manual_seed(5)
     expected = torch.rand(4)
-    p = torch.randn(300, 200, requires_grad=True)
+    p = torch.randn(400, 250, requires_grad=True)
     opt = MoFO([p], alpha=0.1, filter="random")
-    q = torch.randn(300, 200, requires_grad=True)
+    q = torch.randn(400, 250, requires_grad=True)
     opt_m = MoFO([q], alpha=0.1)
     torch.manual_seed(5)
     for step in range(2):
@@ -305,6 +306,21 @@ def test_quadratic_goes_the_right_way(maximize):
         assert losses == sorted(losses, reverse=True)  # monotone on a separable quadratic
 
 
+def test_non_contiguous_params_match_contiguous_ones():
+    torch.manual_seed(0)
+    base = torch.randn(250, 400)
+    p_t = base.clone().t().requires_grad_()  # (400, 250) stored column-major
+    p_c = base.t().contiguous().requires_grad_()
+    assert not p_t.is_contiguous() and torch.equal(p_t, p_c)
+    opt_t, opt_c = MoFO([p_t], lr=1e-2, alpha=0.1), MoFO([p_c], lr=1e-2, alpha=0.1)
+    for step in range(3):
+        set_grads([p_c], step)
+        p_t.grad = p_c.grad.clone()
+        opt_t.step()
+        opt_c.step()
+    assert torch.equal(p_t, p_c)
+
+
 def test_params_without_grad_are_untouched():
     model = small_model()
     opt = MoFO(model.parameters(), lr=1e-2, alpha=0.2)
@@ -319,7 +335,7 @@ def test_params_without_grad_are_untouched():
 def test_param_groups_are_independent():
     def params():
         torch.manual_seed(0)
-        return [torch.randn(40, 50, requires_grad=True), torch.randn(300, 200, requires_grad=True)]
+        return [torch.randn(40, 50, requires_grad=True), torch.randn(400, 250, requires_grad=True)]
     a, b = params()
     joint = MoFO([{"params": [a], "alpha": 0.05, "lr": 1e-2},
                   {"params": [b], "alpha": 0.3, "filter": "gradient", "lr": 1e-3}])
@@ -339,11 +355,11 @@ def test_bf16_params_keep_fp32_moments():
     # Same gradients (bf16 values) for a bf16 and an fp32 copy of the same weights: the fp32
     # moments agree bit for bit, and the bf16 weights are the fp32 result rounded once.
     torch.manual_seed(0)
-    p16 = torch.randn(300, 200).bfloat16().requires_grad_()
+    p16 = torch.randn(400, 250).bfloat16().requires_grad_()
     p32 = p16.detach().float().requires_grad_()
     opt16, opt32 = MoFO([p16], lr=1e-2, alpha=0.1), MoFO([p32], lr=1e-2, alpha=0.1)
     for step in range(3):
-        p16.grad = torch.randn(300, 200, generator=torch.Generator().manual_seed(step)).bfloat16()
+        p16.grad = torch.randn(400, 250, generator=torch.Generator().manual_seed(step)).bfloat16()
         p32.grad = p16.grad.float()
         with torch.no_grad():
             p32.copy_(p16)
