@@ -74,7 +74,7 @@ def mofo_topk_step_(params, states, lr, betas, eps, alpha):
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step_size = lr / (1 - beta1 ** state["step"])
-        denom = (v.sqrt() / math.sqrt(1 - beta2 ** state["step"])).add_(eps)
+        denom = (v.sqrt() / (1 - beta2 ** state["step"]) ** 0.5).add_(eps)
         if p.dim() >= 2:
             k = max(1, math.floor(alpha * p.numel()))
             a = m.abs()

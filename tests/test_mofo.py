@@ -150,6 +150,24 @@ def test_off_by_one_threshold_would_be_caught():
     assert int(topk_mask(x, 10000).sum()) == 10000
 
 
+def test_plain_topk_reference_in_bench_is_the_same_algorithm():
+    # bench.py times MoFO against this straightforward version; both must compute the same.
+    from bench import mofo_topk_step_
+    torch.manual_seed(0)
+    params = [torch.randn(400, 250, requires_grad=True), torch.randn(30, 40, requires_grad=True),
+              torch.randn(50, requires_grad=True)]
+    plain = [p.detach().clone().requires_grad_() for p in params]
+    states = [{"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in plain]
+    opt = MoFO(params, lr=1e-2, alpha=0.1)
+    for step in range(4):
+        set_grads(params, step)
+        set_grads(plain, step)
+        opt.step()
+        mofo_topk_step_(plain, states, 1e-2, (0.9, 0.999), 1e-8, 0.1)
+    for p, q in zip(params, plain):
+        assert torch.equal(p, q)
+
+
 # --- the optimizer ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("filter", mofo.FILTERS)
