@@ -66,7 +66,7 @@ class Config:
     method: str = opt("mofo", "full | mofo | hft | l1 | l2 | lora")
     tasks: str = opt("add", "comma-separated sequence of add, reverse, sort, count (continual)")
     seed: int = opt(0, "fine-tuning seed: data order, HFT draw, LoRA init, MoFO random filter")
-    max_iters: int = opt(300, "fine-tuning steps per task (a fixed step budget)")
+    max_iters: int = opt(600, "fine-tuning steps per task (a fixed step budget)")
     batch_size: int = opt(64, "problems per step (global: split across DDP ranks)")
     lr: float = opt(2e-3, "fine-tuning peak learning rate: the main knob for every method")
     warmup_iters: int = opt(20, "linear warm-up: the first large Adam steps do most forgetting")
@@ -498,6 +498,7 @@ def check_config(cfg, world=1):
 
 def run(cfg: Config) -> dict:
     """Pre-train if needed, fine-tune on cfg.tasks in turn, evaluate: the metrics of <run_name>.json."""
+    t_start = time.time()
     check_config(cfg)
     auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     rank, world, device = setup_distributed(auto if cfg.device == "auto" else cfg.device)
@@ -573,6 +574,7 @@ def run(cfg: Config) -> dict:
         state["task"] = i + 1
         save(None, trainable, 0)
     metrics = evaluate(model, theta0, cfg, corpus, pre["metrics"], state, tasks, device)
+    metrics["wall_s"] = time.time() - t_start  # evaluation (and pre-training, if it ran) included
     if rank == 0:
         Path(cfg.out_dir, f"{name}.json").write_text(json.dumps(metrics, indent=1))
         print_table(metrics)

@@ -49,7 +49,7 @@ def test_smoke_pipeline(smoke_dir):
     for key in ("task_acc", "task_acc_before", "R", "OP", "BWT", "fact_mc_before", "fact_mc_after",
                 "fact_greedy_before", "fact_greedy_after", "fact_chance", "heldout_loss_before",
                 "heldout_loss_after", "forget_mc", "forget_greedy", "heldout_loss_rise", "dist_abs",
-                "dist_rel", "frac_changed", "time_s", "tokens_per_s", "peak_rss_mb", "pretrain_time_s"):
+                "dist_rel", "frac_changed", "time_s", "wall_s", "tokens_per_s", "peak_rss_mb", "pretrain_time_s"):
         assert key in on_disk, key
     assert on_disk["config"]["method"] == "full" and on_disk["dist_abs"] > 0
     assert 0 < on_disk["frac_changed"] <= 1 and on_disk["tokens_per_s"] > 0
