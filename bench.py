@@ -235,7 +235,9 @@ def bench_hft(args):
 def bench_loop(args):
     """ms per iteration of train_tiny's training loop (batch, forward, backward, clip, step) on
     nanoGPT's CPU recipe shapes: 4 layers, 4 heads, 128 channels, context 64, batch 12, where
-    nanoGPT's own loop measured about 36 ms/iter on 2-core CPU machines."""
+    nanoGPT's own loop measured about 36 ms/iter on 2-core CPU machines. Also reports this
+    process's CPU time per iteration, which other processes on a busy machine disturb far less
+    than the wall clock (with n threads it counts up to n times the wall time)."""
     import random
     from contextlib import nullcontext
 
@@ -244,24 +246,34 @@ def bench_loop(args):
     device = get_device(args.device)
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     corpus, iters = tt.build_corpus(), 10  # each timed call runs the loop for `iters` iterations
+    cpu_ms = {}
 
-    def make_loop(method):
+    def make_loop(name, method):
         torch.manual_seed(0)
         model = tt.TinyLlama(tt.ModelConfig(4, 4, 128, 64, len(tt.VOCAB))).to(device)
         _, optimizer, _ = tt.setup_stage(model, tt.Config(method=method, alpha=args.alpha), stage=0)
         rng = random.Random(0)
+        cpu_ms[name] = []
 
         def get_batch():
             x, y = tt.text_windows(corpus.train, 64, 12, rng)
             return [(x.to(device), y.to(device), 1.0)]
-        return lambda: tt.train(model, model, optimizer, get_batch, iters, 1e-3, 0, 1.0, ctx, log_interval=0)
 
-    loops = {"full (AdamW)": make_loop("full"), f"mofo (alpha={args.alpha})": make_loop("mofo")}
+        def loop():
+            c0 = time.process_time()
+            tt.train(model, model, optimizer, get_batch, iters, 1e-3, 0, 1.0, ctx, log_interval=0)
+            cpu_ms[name].append((time.process_time() - c0) * 1e3 / iters)
+        return loop
+
+    loops = {name: make_loop(name, method) for name, method in
+             (("full (AdamW)", "full"), (f"mofo (alpha={args.alpha})", "mofo"))}
     ms = time_interleaved(loops, device, args.rounds)
-    print(f"loop: train_tiny's training loop on nanoGPT's CPU shapes (4x128, 4 heads, context 64, "
-          f"batch 12), {device.type}, median of {args.rounds} rounds of {iters} iters")
+    print(f"loop: train_tiny's training loop on nanoGPT's CPU shapes (4x128, 4 heads, context 64, batch 12), "
+          f"{device.type}, {torch.get_num_threads()} threads, median of {args.rounds} rounds of {iters} iters "
+          f"(nanoGPT: about 36 ms/iter on 2 CPU cores)")
+    print(f"  {'':22s} {'ms/iter':>9s} {'CPU ms/iter':>12s}")
     for name, t in ms.items():
-        print(f"  {name:22s} {t / iters:7.1f} ms/iter   (nanoGPT: about 36 ms/iter on 2 CPU cores)")
+        print(f"  {name:22s} {t / iters:9.1f} {statistics.median(cpu_ms[name]):12.1f}")
 
 
 # -----------------------------------------------------------------------------
