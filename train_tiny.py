@@ -57,7 +57,7 @@ class Config:
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "channels")
     block_size: int = opt(128, "pre-training context length (characters)")
-    pretrain_iters: int = opt(1400, "pre-training steps, once per out_dir (cached in pretrained.pt)")
+    pretrain_iters: int = opt(1200, "pre-training steps, once per out_dir (cached in pretrained.pt)")
     pretrain_batch_size: int = opt(32, "pre-training windows per step")
     pretrain_lr: float = opt(3e-3, "pre-training peak learning rate (AdamW, cosine)")
     pretrain_warmup: int = opt(50, "pre-training warm-up steps")
