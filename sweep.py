@@ -1,6 +1,7 @@
 """Forgetting trade-off frontiers: every method over a learning-rate grid and seeds.
 
     python sweep.py                    # the frontier sweep on 2 CPU cores (~45 min), then its table
+    python sweep.py --sweep alpha      # MoFO's α from 0.02 to 1 at one learning rate
     python sweep.py --sweep ablation   # MoFO's filter ablation (momentum/gradient/random/update)
     python sweep.py --sweep continual  # four tasks in a row, every method: accuracy matrix, OP, BWT
     python sweep.py --preset smoke     # every sweep's pipeline on a toy model, in seconds (tests, CI)
@@ -45,6 +46,7 @@ FRONTIER = {
     "lora": dict(method="lora"),
     "replay 25%": dict(method="full", replay=0.25),  # the reference that needs pre-training data
 }
+ALPHAS = {f"mofo α={a}": dict(method="mofo", alpha=a) for a in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)}
 ABLATION = {f"mofo α=0.1 {f}": dict(method="mofo", alpha=0.1, filter=f)
             for f in ("momentum", "gradient", "update", "random")}
 CONTINUAL = {k: dict(v, tasks="add,reverse,sort,count") for k, v in FRONTIER.items()
@@ -59,6 +61,7 @@ class Sweep:
     base: dict = field(default_factory=lambda: dict(max_iters=400, log_interval=10**9, ckpt_interval=0))
 
 SWEEPS = {"frontier": Sweep(FRONTIER),
+          "alpha": Sweep(ALPHAS, lrs=(2e-3,)),  # the α sweep at train_tiny's default rate
           "ablation": Sweep(ABLATION, lrs=(1e-3, 2e-3, 4e-3)),
           "continual": Sweep(CONTINUAL, lrs=(1e-3,), seeds=(0,))}
 SMOKE = {**tt.PRESETS["smoke"], "out_dir": "out/smoke", "log_interval": 10**9, "ckpt_interval": 0}
@@ -79,7 +82,7 @@ def configs(sweep, out_dir=None):
                 cfg = replace(cfg, out_dir=out_dir or cfg.out_dir)
                 what = {k: v for k, v in asdict(cfg).items() if k not in tt.RUNTIME_KEYS + ("out_dir", "run_name")}
                 digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
-                key = f"{label.replace(' ', '_').replace('α=', 'a').replace('%', '')}_lr{cfg.lr:.2e}_s{seed}_{digest}"
+                key = f"{cfg.method}_lr{cfg.lr:.2e}_s{seed}_{digest}"  # labels may share a run
                 runs.append((label, lr, seed, key, replace(cfg, run_name=f"sweep/{key}")))
     return runs
 
