@@ -37,7 +37,8 @@ def kth_largest(x, k):
 
 def topk_threshold(score, k, scratch=None):
     """(tau, count): tau the exact k-th largest entry of `score` (1 <= k <= numel, any shape),
-    count the number of entries >= tau (k, or more when entries tie with tau).
+    count the number of entries >= tau (k, or more when entries tie with tau); both 0-dim tensors
+    on score's device, so that a GPU step does not wait for the host.
 
     A full selection (torch.topk) costs several times an Adam step. Instead:
       1. a sample of SAMPLE_SIZE entries gives two quantiles [lo, hi] that bracket tau with
@@ -50,9 +51,9 @@ def topk_threshold(score, k, scratch=None):
     """
     s = score.reshape(-1)
     n = s.numel()
-    if n <= 4 * SAMPLE_SIZE:  # small tensor: a direct selection is already cheap
-        tau = kth_largest(s, k)
-        return tau, int((s >= tau).sum())
+    if n <= 4 * SAMPLE_SIZE or s.is_cuda:  # small tensor: a direct selection is already cheap; on a
+        tau = kth_largest(s, k)             # GPU torch.topk is fast and the bracket's host syncs are not
+        return tau, (s >= tau).sum()
     # 1. An evenly strided sample: deterministic, so it draws from no generator (the global RNG
     #    and the "random" filter's stream stay untouched) and is cache friendly. A stride
     #    coprime with n is coprime with any row length, so it visits all columns, not a few.
@@ -81,9 +82,9 @@ def topk_threshold(score, k, scratch=None):
                       s[n8:][band[n8:].bool()]])
     if not 0 <= k - n_above - 1 < cand.numel():  # tau is outside [lo, hi]: no shortcut
         tau = kth_largest(s, k)
-        return tau, int((s >= tau).sum())
+        return tau, (s >= tau).sum()
     tau = kth_largest(cand, k - n_above)
-    return tau, n_above + int((cand >= tau).sum())
+    return tau, n_above + (cand >= tau).sum()
 
 
 def topk_mask(x, k):
@@ -179,16 +180,17 @@ class MoFO(torch.optim.Optimizer):
             return k
         if group["filter"] == "momentum":
             torch.abs(m, out=out)
-            tau, count = topk_threshold(out, k, scratch)
-            # |m| >= tau is |m| > (the float just below tau): hardshrink keeps exactly those
-            torch.hardshrink(m, torch.nextafter(tau, tau.new_tensor(-math.inf)).item(), out=out)
-            return count
-        if group["filter"] == "gradient":
+        elif group["filter"] == "gradient":
             torch.abs(g, out=out)
         else:  # "update": |m_hat| / (sqrt(v_hat) + eps) ranks like |m| / denom
             torch.abs(m, out=out).div_(denom)
         tau, count = topk_threshold(out, k, scratch)
-        torch.ge(out, tau, out=out).mul_(m)
+        if group["filter"] == "momentum" and out.device.type == "cpu":
+            # |m| >= tau is |m| > (the float just below tau): hardshrink keeps exactly those in
+            # one pass (its threshold is a Python float: a host sync, which only a GPU pays for)
+            torch.hardshrink(m, torch.nextafter(tau, tau.new_tensor(-math.inf)).item(), out=out)
+        else:
+            torch.ge(out, tau, out=out).mul_(m)
         return count
 
     @torch.no_grad()
@@ -240,7 +242,7 @@ class MoFO(torch.optim.Optimizer):
                 # 6. The AdamW step with the unselected entries' momentum zeroed: selected
                 #    entries move exactly as in AdamW, the others by exactly 0.
                 p.addcdiv_(m_kept, denom, value=-step_size)
-        self.last_update_fraction = moved / max(total, 1)
+        self.last_update_fraction = float(moved) / max(total, 1)  # one host sync per step
         return loss
 
     # The "random" filter's generator is part of the optimizer's state: save and restore it.

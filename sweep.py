@@ -3,6 +3,7 @@
     python sweep.py                    # the frontier sweep on 2 CPU cores (~45 min), then its table
     python sweep.py --sweep alpha      # MoFO's α from 0.02 to 1 at one learning rate
     python sweep.py --sweep ablation   # MoFO's filter ablation (momentum/gradient/random/update)
+    python sweep.py --sweep defaults   # train_tiny.py's default run (600 steps, lr 2e-3) per method and α
     python sweep.py --sweep continual  # four tasks in a row, every method: accuracy matrix, OP, BWT
     python sweep.py --preset smoke     # every sweep's pipeline on a toy model, in seconds (tests, CI)
 
@@ -63,7 +64,10 @@ class Sweep:
 SWEEPS = {"frontier": Sweep(FRONTIER),
           "alpha": Sweep(ALPHAS, lrs=(2e-3,)),  # the α sweep at train_tiny's default rate
           "ablation": Sweep(ABLATION, lrs=(1e-3, 2e-3, 4e-3)),
-          "continual": Sweep(CONTINUAL, lrs=(1e-3,), seeds=(0,))}
+          "continual": Sweep(CONTINUAL, lrs=(1e-3,), seeds=(0,)),
+          "defaults": Sweep({**{k: FRONTIER[k] for k in ("full", "hft", "l1", "l2", "lora")}, **ALPHAS},
+                            lrs=(2e-3,), seeds=(0,), lr_scale={},  # train_tiny.py's defaults as they are
+                            base=dict(log_interval=10**9, ckpt_interval=0))}
 SMOKE = {**tt.PRESETS["smoke"], "out_dir": "out/smoke", "log_interval": 10**9, "ckpt_interval": 0}
 
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, two rates, one seed

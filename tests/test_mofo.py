@@ -456,3 +456,58 @@ def test_gd_mofo_uses_ceil_and_keeps_an_alpha_share_of_the_norm():
     assert int(moved.sum()) == 13
     assert torch.equal(moved, reference_mask(g, 13))
     assert float((g * moved).pow(2).sum()) >= 0.123 * float(g.pow(2).sum())
+
+
+# --- CUDA (skipped on machines without a GPU) -------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name,x", list(mask_cases()), ids=[c[0] for c in mask_cases()])
+def test_cuda_topk_mask_equals_torch_topk(name, x):
+    x = x.cuda()
+    n = x.numel()
+    for k in sorted({1, n // 100, n // 10, n // 2, n} & set(range(1, n + 1))):
+        assert torch.equal(topk_mask(x, k), reference_mask(x, k)), (name, k)
+
+
+@needs_cuda
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_cuda_alpha_one_is_adamw_bitwise(weight_decay):
+    model_a, model_b = small_model().cuda(), small_model().cuda()
+    opt_a = MoFO(model_a.parameters(), lr=1e-2, weight_decay=weight_decay, alpha=1.0)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, weight_decay=weight_decay, foreach=False)
+    for step in range(50):
+        for model, opt in ((model_a, opt_a), (model_b, opt_b)):
+            gen = torch.Generator().manual_seed(1000 + step)
+            x, y = torch.randn(32, 6, generator=gen).cuda(), torch.randn(32, 3, generator=gen).cuda()
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+    for p, q in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
+@pytest.mark.parametrize("filter", ["momentum", "random"])
+def test_bf16_moves_only_the_mask_with_fp32_moments(device, filter):
+    """bf16 gradients tie a lot: the mask is |m| >= tau with ties kept (momentum), or exactly k
+    drawn entries (random); an entry outside it never moves, and the count reported is the mask's."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(300, 200, device=device).bfloat16())
+    opt = MoFO([p], lr=1e-2, alpha=0.1, filter=filter)
+    k = 6000
+    for step in range(3):
+        before = p.detach().clone()
+        p.grad = torch.randn(300, 200, generator=torch.Generator().manual_seed(step)).to(device).bfloat16()
+        opt.step()
+        moved = p != before
+        assert opt.state[p]["exp_avg"].dtype == torch.float32
+        if filter == "momentum":
+            mask = reference_mask(opt.state[p]["exp_avg"], k)
+            assert not (moved & ~mask).any()
+            assert opt.last_update_fraction == pytest.approx(int(mask.sum()) / p.numel())
+            assert int(mask.sum()) >= k
+        else:
+            assert int(moved.sum()) <= k and opt.last_update_fraction == pytest.approx(k / p.numel())

@@ -246,3 +246,11 @@ def test_lora_trains_only_BA_and_merges_into_the_same_names():
     assert [n for n, _ in model.named_parameters()] == names
     assert all(p.requires_grad for p in model.parameters())
     torch.testing.assert_close(model(x)[0], before, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("method", ["mofo", "hft"])
+def test_cuda_smoke_run_with_bf16_autocast(tmp_path, method):
+    m = tt.run(replace(SMOKE, out_dir=str(tmp_path), method=method, device="cuda"))
+    assert m["heldout_loss_before"] < math.log(len(tt.VOCAB)) - 1.0
+    assert 0 < m["dist_abs"] and 0 <= m["task_acc"] <= 1
