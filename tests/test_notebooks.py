@@ -31,6 +31,7 @@ for label, r in FRONT.items():  # every method produced a point at every learnin
     assert set(r["frontier"]) <= set(r["mean"]), label
     for fx, fy in r["frontier"]:  # no point beats a frontier point in both coordinates
         assert not any(x >= fx and y >= fy and (x, y) != (fx, fy) for x, y in r["mean"]), label
+assert set(FRONT600) == set(sweep.BUDGET) and all(len(r["mean"]) == len(SWEEPS["budget"].lrs) for r in FRONT600.values())
 assert alpha_xy.shape == (len(sweep.ALPHAS), 2) and alphas == sorted(alphas)
 assert DIST["frac_changed"]["mofo α=0.02"][0] < DIST["frac_changed"]["mofo α=1.0"][0]
 assert set(ABL) == set(sweep.ABLATION)
