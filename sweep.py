@@ -184,7 +184,7 @@ def mean_std(values):
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
-def summary(sweep, results, out_dir=None, at=(0.8, 0.9)):
+def summary(sweep, results, out_dir=None, at=(0.5, 0.8, 0.9)):
     """Per method: mean points over seeds, their frontier, and knowledge at matched task accuracy
     (read off the frontier of each seed, then mean ± std over the seeds that reach it)."""
     rows = {}
