@@ -24,8 +24,9 @@ def small_model(seed=0):
 
 
 def loss_on_batch(model, step):
-    gen = torch.Generator().manual_seed(1000 + step)
-    x, y = torch.randn(32, 6, generator=gen), torch.randn(32, 3, generator=gen)
+    gen = torch.Generator().manual_seed(1000 + step)  # drawn on the CPU: the same batch on any device
+    device = next(model.parameters()).device
+    x, y = torch.randn(32, 6, generator=gen).to(device), torch.randn(32, 3, generator=gen).to(device)
     return torch.nn.functional.mse_loss(model(x), y)
 
 
@@ -478,13 +479,8 @@ def test_cuda_alpha_one_is_adamw_bitwise(weight_decay):
     model_a, model_b = small_model().cuda(), small_model().cuda()
     opt_a = MoFO(model_a.parameters(), lr=1e-2, weight_decay=weight_decay, alpha=1.0)
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, weight_decay=weight_decay, foreach=False)
-    for step in range(50):
-        for model, opt in ((model_a, opt_a), (model_b, opt_b)):
-            gen = torch.Generator().manual_seed(1000 + step)
-            x, y = torch.randn(32, 6, generator=gen).cuda(), torch.randn(32, 3, generator=gen).cuda()
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(model(x), y).backward()
-            opt.step()
+    train(model_a, opt_a, 50)
+    train(model_b, opt_b, 50)
     for p, q in zip(model_a.parameters(), model_b.parameters()):
         assert torch.equal(p, q)
 
