@@ -245,18 +245,18 @@ def bench_loop(args):
 
     device = get_device(args.device)
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    corpus, iters = tt.build_corpus(), 10  # each timed call runs the loop for `iters` iterations
+    corpus, iters = data.build_corpus(), 10  # each timed call runs the loop for `iters` iterations
     cpu_ms = {}
 
     def make_loop(name, method):
         torch.manual_seed(0)
-        model = tt.TinyLlama(tt.ModelConfig(4, 4, 128, 64, len(tt.VOCAB))).to(device)
+        model = tt.TinyLlama(tt.ModelConfig(4, 4, 128, 64, len(data.VOCAB))).to(device)
         _, optimizer, _ = tt.setup_stage(model, tt.Config(method=method, alpha=args.alpha), stage=0)
         rng = random.Random(0)
         cpu_ms[name] = []
 
         def get_batch():
-            x, y = tt.text_windows(corpus.train, 64, 12, rng)
+            x, y = data.text_windows(corpus.train, 64, 12, rng)
             return [(x.to(device), y.to(device), 1.0)]
 
         def loop():

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+import data
 import train_tiny as tt
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def run_sweep(sweep, out_dir=None, workers=2, echo=print):
     echo(f"{len(runs)} runs, {len(results)} cached, {len(todo)} to compute")
     if todo:  # pre-train here first, so that the workers do not all pre-train the same checkpoint
         cfg = todo[0][4]
-        tt.load_or_pretrain(cfg, tt.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler), "cpu", nullcontext(), 0, 1)
+        tt.load_or_pretrain(cfg, data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler), "cpu", nullcontext(), 0, 1)
     t0 = time.time()
     for i, ((label, lr, seed, key, cfg), m) in enumerate(finished(todo, workers), 1):
         results[key] = m

@@ -21,7 +21,7 @@ SMOKE = tt.Config(**tt.PRESETS["smoke"])
 
 
 def decode(ids):
-    return "".join(tt.VOCAB[i] for i in ids)
+    return "".join(data.VOCAB[i] for i in ids)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +38,12 @@ def states_equal(a, b):
 
 def test_smoke_pipeline(smoke_dir):
     out, metrics = smoke_dir
-    corpus = tt.build_corpus(SMOKE.data_seed, SMOKE.n_people, SMOKE.filler)
+    corpus = data.build_corpus(SMOKE.data_seed, SMOKE.n_people, SMOKE.filler)
     torch.manual_seed(0)
     fresh = tt.TinyLlama(tt.model_config(SMOKE))
-    x, y = tt.text_windows(corpus.train, SMOKE.block_size, 16, __import__("random").Random(0))
+    x, y = data.text_windows(corpus.train, SMOKE.block_size, 16, __import__("random").Random(0))
     initial = fresh(x, y)[1].item()
-    assert abs(initial - math.log(len(tt.VOCAB))) < 0.1  # an untrained model guesses uniformly
+    assert abs(initial - math.log(len(data.VOCAB))) < 0.1  # an untrained model guesses uniformly
     assert metrics["heldout_loss_before"] < initial - 1.0  # pre-training lowered the loss
     on_disk = json.loads((out / "full.json").read_text())
     for key in ("task_acc", "task_acc_before", "R", "OP", "BWT", "fact_mc_before", "fact_mc_after",
@@ -67,8 +67,8 @@ def test_finetuning_loss_falls(smoke_dir):
     assert ckpt["iter_num"] == 0 and ckpt["task"] == 1
     model = tt.TinyLlama(tt.model_config(cfg))
     model.load_state_dict(ckpt["model"])
-    problems = tt.test_problems("add", cfg.data_seed, 40)
-    x, y = tt.make_rows([p for p, _ in problems], [a for _, a in problems])
+    problems = data.test_problems("add", cfg.data_seed, 40)
+    x, y = data.make_rows([p for p, _ in problems], [a for _, a in problems])
     pre = tt.TinyLlama(tt.model_config(cfg))
     pre.load_state_dict(tt.read_checkpoint(str(out / "pretrained.pt"))["model"])
     assert model(x, y)[1].item() < pre(x, y)[1].item() - 1.0
@@ -111,6 +111,7 @@ def test_resume_is_bitwise(smoke_dir, monkeypatch, method, crash_at):
 DDP_SCRIPT = """
 import sys; sys.path.insert(0, {root!r})
 from dataclasses import replace
+import data
 import train_tiny as tt
 for method in ("full", "mofo", "hft"):
     tt.run(replace(tt.Config(**tt.PRESETS["smoke"]), out_dir={out!r}, method=method,
@@ -138,7 +139,7 @@ def test_ddp_equals_one_process(smoke_dir, tmp_path):
 
 
 def test_corpus_is_deterministic():
-    build = tt.build_corpus.__wrapped__  # bypass the cache: really build it twice
+    build = data.build_corpus.__wrapped__  # bypass the cache: really build it twice
     a, b, c = build(0, 20, 0.1), build(0, 20, 0.1), build(1, 20, 0.1)
     assert torch.equal(a.train, b.train) and torch.equal(a.heldout, b.heldout) and a.probes == b.probes
     assert not torch.equal(a.train, c.train) and a.probes != c.probes
@@ -148,9 +149,9 @@ def test_corpus_is_deterministic():
         assert f"{prompt[1:]} {value}." in text
     held = set(decode(a.heldout.tolist()).split("\n")[1:])
     assert held and not held & set(text.split("\n"))  # held-out sentences never seen
-    for task in tt.TASKS:
-        problems = tt.test_problems.__wrapped__(task, 0, 50)
-        assert problems == tt.test_problems.__wrapped__(task, 0, 50)
+    for task in data.TASKS:
+        problems = data.test_problems.__wrapped__(task, 0, 50)
+        assert problems == data.test_problems.__wrapped__(task, 0, 50)
         assert len({p for p, _ in problems}) == 50
 
 
@@ -163,22 +164,22 @@ class Oracle(torch.nn.Module):
         self.next = {text[:i]: text[i] for text in texts for i in range(1, len(text))}
 
     def forward(self, idx, targets=None):
-        logits = torch.zeros(*idx.shape, len(tt.VOCAB))
-        where = [(b, t, tt.STOI[self.next[s[:t + 1]]]) for b, s in enumerate(map(decode, idx.tolist()))
+        logits = torch.zeros(*idx.shape, len(data.VOCAB))
+        where = [(b, t, data.STOI[self.next[s[:t + 1]]]) for b, s in enumerate(map(decode, idx.tolist()))
                  for t in range(len(s)) if s[:t + 1] in self.next]
         logits[tuple(torch.tensor(where).T)] = 50.0
         return logits, None
 
 
 def test_probes_score_perfect_model_100_and_random_model_at_chance():
-    corpus = tt.build_corpus(0, 100, 0.1)
+    corpus = data.build_corpus(0, 100, 0.1)
     oracle = Oracle([p + f" {v}." for _, p, v in corpus.probes])
     scores = tt.fact_scores(oracle, corpus)
     assert scores["fact_mc"] == 1.0 and scores["fact_greedy"] == 1.0
-    problems = tt.test_problems("add", 0, 100)
+    problems = data.test_problems("add", 0, 100)
     assert tt.task_accuracy(Oracle([p + a for p, a in problems]), problems) == 1.0
     torch.manual_seed(0)
-    random_model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 64, len(tt.VOCAB)))
+    random_model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 64, len(data.VOCAB)))
     scores = tt.fact_scores(random_model, corpus)
     assert scores["fact_greedy"] == 0.0
     assert abs(scores["fact_mc"] - scores["fact_chance"]) < 0.06  # 400 probes: chance ± noise
@@ -232,12 +233,12 @@ def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
 
 def test_lora_trains_only_BA_and_merges_into_the_same_names():
     torch.manual_seed(0)
-    model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 16, len(tt.VOCAB)))
+    model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 16, len(data.VOCAB)))
     names = [n for n, _ in model.named_parameters()]
     params = tt.add_lora(model, rank=4)
     assert len(params) == 2 * 7 * 2 and all(p.requires_grad for p in params)  # A, B on 7 matrices, 2 blocks
     assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
-    x = torch.randint(len(tt.VOCAB), (3, 16))
+    x = torch.randint(len(data.VOCAB), (3, 16))
     with torch.no_grad():
         for p in params:
             p.normal_()  # B != 0, so the adapter changes the function
@@ -252,5 +253,5 @@ def test_lora_trains_only_BA_and_merges_into_the_same_names():
 @pytest.mark.parametrize("method", ["mofo", "hft"])
 def test_cuda_smoke_run_with_bf16_autocast(tmp_path, method):
     m = tt.run(replace(SMOKE, out_dir=str(tmp_path), method=method, device="cuda"))
-    assert m["heldout_loss_before"] < math.log(len(tt.VOCAB)) - 1.0
+    assert m["heldout_loss_before"] < math.log(len(data.VOCAB)) - 1.0
     assert 0 < m["dist_abs"] and 0 <= m["task_acc"] <= 1
