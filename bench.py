@@ -241,7 +241,8 @@ def bench_loop(args):
     import random
     from contextlib import nullcontext
 
-    import train_tiny as tt  # imported here so that the other sections run without it
+    import data  # imported here so that the other sections run without them
+    import train_tiny as tt
 
     device = get_device(args.device)
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()

@@ -15,6 +15,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import data  # noqa: E402
 import train_tiny as tt  # noqa: E402
 
 SMOKE = tt.Config(**tt.PRESETS["smoke"])
