@@ -11,16 +11,34 @@ The selection rule ("category level"), drawn once per stage, in every transforme
   self-attention   2 of the 4 projections (q, k, v, o) are trained;
   feed-forward     2 of the 3 gated-MLP matrices (gate, up, down) in a random half of the blocks,
                    1 of 3 in the other half; a two-matrix MLP (GPT-2's c_fc, c_proj) trains 1 of 2;
+  cross-attention  (decoder blocks of encoder-decoder models) 2 of its 4 projections, drawn apart
+                   from self-attention, as attention and MLP are: a module with its own job;
   norms            1 of the block's 2 norms;
   outside blocks   token and position embeddings, final norm, LM head: always trained.
 For a ratio r other than 1/2: a category with n modules in a block trains floor(r·n) of them, and
 one more in a random set of blocks, sized so that the average over the blocks is r·n (to the
-nearest whole block). r = 1/2 gives the rule above, r = 1 freezes nothing.
+nearest whole block). r = 1/2 gives the rule above, r = 1 freezes nothing; a decoder block with 3
+norms (before self-attention, cross-attention and MLP) trains 2 in half the blocks, 1 in the rest.
+
+Layouts (RULES below): block N's modules, self-attention | MLP | norms (| cross-attention):
+  Llama, Mistral, Qwen  self_attn.{q,k,v,o}_proj | mlp.{gate,up,down}_proj
+                        | input_layernorm, post_attention_layernorm
+  GPT-2                 attn.{c_attn,c_proj} | mlp.{c_fc,c_proj} | ln_1, ln_2
+  OPT                   self_attn.{q,k,v,out}_proj | fc1, fc2 | self_attn_layer_norm,
+                        final_layer_norm (the block's; model.decoder.final_layer_norm is outside)
+  BART, Whisper         as OPT, encoder and decoder blocks; a decoder block adds
+                        encoder_attn_layer_norm | encoder_attn.{q,k,v,out}_proj
+  T5                    layer.0.SelfAttention.{q,k,v,o} | layer.K.DenseReluDense.{wi,wo}, or
+                        {wi_0,wi_1,wo} in T5 v1.1 | layer.K.layer_norm, encoder and decoder blocks;
+                        a decoder block adds a norm | layer.1.EncDecAttention.{q,k,v,o}.
+                        SelfAttention.relative_attention_bias (first block only) is T5's position
+                        embedding, kept in that block: it counts as outside, always trained.
 
 The unit of selection is a module, not a tensor: a bias goes with its weight (Qwen's q/k/v
-biases, GPT-2's c_attn.bias), a LayerNorm's weight and bias are one norm. A fused QKV matrix is
-one attention module, so GPT-2's attention has two modules, c_attn (C×3C) and c_proj (C×C), and
-trains one of the two: 3/4 or 1/4 of the block's attention weights, 1/2 on average over blocks.
+biases, GPT-2's c_attn.bias, OPT/BART/Whisper's projections and fc1, fc2), a LayerNorm's weight
+and bias are one norm. A fused QKV matrix is one attention module, so GPT-2's attention has two
+modules, c_attn (C×3C) and c_proj (C×C), and trains one of the two: 3/4 or 1/4 of the block's
+attention weights, 1/2 on average over blocks.
 
 Strategies, for the paper's ablation on what to freeze:
   category   the rule above (default, the paper's HFT);
@@ -43,20 +61,34 @@ import torch
 from torch import nn
 
 STRATEGIES = ("category", "model", "layer")
-CATEGORIES = ("attn", "mlp", "norm")  # inside a block; everything outside the blocks is "other"
+CATEGORIES = ("attn", "mlp", "norm")  # in every block ("attn": self-attention); outside is "other"
+CROSS = ("cross_attn",)  # only in the decoder blocks of encoder-decoder models (T5, BART, Whisper)
+
+# Category of a module from its path inside a block: the first rule whose pattern matches the whole
+# of one component of the path (0: the first, -1: the leaf) wins, so the order matters.
+RULES = (
+    # T5 keeps its relative position embedding in the first block's self-attention; it is a
+    # position embedding, and those are outside the blocks (a 5th attention "matrix" in one block
+    # only would make that block's attention train 3 of 5)
+    ("other", -1, r"relative_attention_bias"),
+    # norms before attention: a norm may sit inside an attention module (Qwen3's per-head q_norm,
+    # k_norm) or be named after its sub-layer (OPT/BART's self_attn_layer_norm)
+    ("norm", -1, r".*norm.*|ln(_\w*|\d*)"),  # *norm*, GPT-2's ln_1, ln_2
+    # cross before self, whose pattern "encoder_attn" matches too; BART/Whisper, T5, GPT-2 as a decoder
+    ("cross_attn", 0, r"encoder_attn|encdecattention|crossattention"),
+    ("attn", 0, r".*(attn|attention).*"),  # self_attn, attn, SelfAttention, attention
+    ("mlp", 0, r".*(mlp|ffn|feed_forward).*|fc[12]|densereludense"),  # fc1, fc2: OPT/BART/Whisper; T5
+)
 
 
 def category_of(module: str) -> str | None:
-    """Category of a module from its path inside a block ('self_attn.q_proj', 'ln_1'), or None."""
-    parts = module.lower().split(".")
-    leaf, first = parts[-1], parts[0]
-    # norms first: a norm may sit inside the attention module (e.g. per-head q_norm, k_norm)
-    if "norm" in leaf or re.fullmatch(r"ln(_\w*|\d*)", leaf):  # *norm*, GPT-2's ln_1, ln_2
-        return "norm"
-    if "attn" in first or "attention" in first:
-        return "attn"
-    if "mlp" in first or "ffn" in first or "feed_forward" in first:
-        return "mlp"
+    """Category of a module from its path inside a block ('self_attn.q_proj', 'ln_1'), or None:
+    one of CATEGORIES + CROSS, or 'other' for a module that belongs with those outside the blocks."""
+    # T5 wraps each sub-layer of block N in block.N.layer.K: look past the wrapper
+    parts = re.sub(r"^layer\.\d+\.", "", module.lower()).split(".")
+    for category, where, pattern in RULES:
+        if re.fullmatch(pattern, parts[where]):
+            return category
     return None
 
 
@@ -65,8 +97,9 @@ def find_blocks(shapes: Mapping[str, object]) -> tuple[list[dict[str, dict[str, 
 
     A block is the module under the first numeric path component of a name (model.layers.3,
     transformer.h.3). Returns (blocks, outside): blocks in order, each {category: {module: [names]}},
-    and the names outside any block. Raises ValueError for parameters inside a block that fit no
-    category, and for a model without blocks.
+    and the names outside any block (with T5's relative_attention_bias, which RULES sends there).
+    Raises ValueError for parameters inside a block that fit no category, and for a model without
+    blocks.
     """
     blocks: dict[tuple[str, int], dict[str, dict[str, list[str]]]] = {}
     outside, unplaced = [], []
@@ -81,13 +114,16 @@ def find_blocks(shapes: Mapping[str, object]) -> tuple[list[dict[str, dict[str, 
         if category is None:
             unplaced.append(name)
             continue
+        if category == "other":  # stored in a block, but a position embedding like those outside
+            outside.append(name)
+            continue
         block = blocks.setdefault((".".join(parts[:i]), int(parts[i])), {})
         full = ".".join(parts[:i + 1] + [module])
         block.setdefault(category, {}).setdefault(full, []).append(name)
     if unplaced:
         raise ValueError(
             f"could not place {len(unplaced)} parameter(s) inside a transformer block into "
-            f"attention, MLP or norm: {unplaced}")
+            f"attention, cross-attention, MLP or norm: {unplaced}")
     if not blocks:
         raise ValueError(
             "no transformer blocks found: expected parameter names with a block index, like "
@@ -110,7 +146,7 @@ def _round(x: float) -> int:
 
 def _by_category(blocks, ratio: float, rng: random.Random) -> list[str]:
     chosen = []
-    for category in CATEGORIES:
+    for category in CATEGORIES + CROSS:  # cross last: without it, a model draws as it did before
         per_block = [sorted(block.get(category, {})) for block in blocks]
         target = [ratio * len(modules) for modules in per_block]
         # floor(r·n) everywhere, one more in a random set of blocks so the average is r·n
@@ -198,7 +234,8 @@ def apply(model: nn.Module, trainable: Iterable[str]) -> list[torch.nn.Parameter
 
 def report(model_or_shapes, trainable: Iterable[str]) -> dict:
     """What is trained: parameter counts and fractions overall, over the blocks and by category
-    (attn, mlp, norm inside the blocks; other = outside them), tensor counts, frozen names."""
+    (attn, mlp, norm inside the blocks, and cross_attn where the model has it; other = outside
+    them), tensor counts, frozen names."""
     shapes = _shapes(model_or_shapes)
     trainable = _check_names(shapes, trainable)
     blocks, outside = find_blocks(shapes)
@@ -206,13 +243,15 @@ def report(model_or_shapes, trainable: Iterable[str]) -> dict:
     for block in blocks:
         for cat, modules in block.items():
             category.update({name: cat for names in modules.values() for name in names})
-    counts = {cat: {"trainable": 0, "total": 0} for cat in (*CATEGORIES, "other")}
+    # cross_attn only where a block has it, so a decoder-only model's report reads as it always did
+    in_blocks = [*CATEGORIES, *(c for c in CROSS if any(c in block for block in blocks))]
+    counts = {cat: {"trainable": 0, "total": 0} for cat in (*in_blocks, "other")}
     for name, shape in shapes.items():
         counts[category[name]]["total"] += math.prod(shape)
         counts[category[name]]["trainable"] += math.prod(shape) if name in trainable else 0
     for c in counts.values():
         c["fraction"] = c["trainable"] / c["total"] if c["total"] else 0.0
-    inside = [counts[cat] for cat in CATEGORIES]
+    inside = [counts[cat] for cat in in_blocks]
     n_trainable = sum(c["trainable"] for c in counts.values())
     n_total = sum(c["total"] for c in counts.values())
     frozen = sorted(set(shapes) - trainable)
