@@ -6,11 +6,19 @@ small grammar carry "general language", and sentences never used in pre-training
 fine-tuning tasks are new skills with exact answers. Everything is generated from a seed: no download,
 and the same generator with a smaller world gives tests a corpus that trains in seconds.
 
+Two versions of the corpus (same people, same facts, same probes). `v1`, the first one, never shows a
+digit, '+', ':' or '=', so fine-tuning had to grow new token embeddings. `v2` (the default) lets the
+task be read, as an LLM reads math before it is fine-tuned on it: the narrative writes numbers in
+their everyday roles (counts, ages, house numbers, years, clock times) and a small share `arith` of
+sentences state one-digit sums in prose ("The clever owl knows that 3+4=7."), never a 2-digit
+operand nor the task's bare line; the sums stated are kept out of the test problems (`stated`).
+
 Kept apart from train_tiny.py as nanoGPT keeps its data preparation apart from its model and loop:
 a reader changing the world or a task reads this file only.
 """
 import functools
 import random
+import re
 import string
 from dataclasses import dataclass
 
@@ -35,18 +43,42 @@ FILLER = (("old", "small", "quiet", "happy", "brave", "tired", "clever", "young"
           ("horse", "fox", "crow", "mouse", "bear", "wolf", "owl", "deer"),
           ("walks to", "runs past", "sleeps near", "looks at", "waits by", "sings to"),
           ("the river", "the hill", "the market", "the bridge", "the forest", "the tower", "the well", "the gate"))
+NARRATIVE = (  # v2: v1's sentence, and numbers in the roles they play in ordinary text
+    "The {a} {b} {c} {d}.", "The {a} {b} sees {n} {things} by {d}.", "The {a} {b} is {n} years old.",
+    "The {a} {b} lives at number {n}.", "In {year} the {a} {b} came to {d}.", "The clock by {d} shows {time}.")
+THINGS = ("apples", "boats", "stones", "lamps", "birds", "trees")  # what the counts count
+KNOWS = ("knows that", "says that", "learns that", "is sure that")  # v2's arithmetic prose
+ARITH = 0.05  # v2's share of arithmetic sentences: about 100 in the default world, so each of the 100
+              # one-digit sums is stated about once, a little arithmetic beside 85 % facts
 
 def encode(s):
     return [STOI[c] for c in s]
 
 @dataclass(frozen=True)
 class Corpus:
-    train: torch.Tensor    # (N,) pre-training text: facts in every template, plus filler
+    train: torch.Tensor    # (N,) pre-training text: facts in every template, filler (v2: and sums)
     heldout: torch.Tensor  # (M,) narrative sentences never seen in pre-training
     probes: tuple          # (attribute, prompt, true value) for every fact, first template
+    stated: frozenset = frozenset()  # task prompts the pre-training text contains ("3+4="): never tested
+
+def narrative(rng):  # one v2 narrative sentence
+    a, b, c, d = (rng.choice(words) for words in FILLER)
+    return rng.choice(NARRATIVE).format(  # counts, ages, house numbers 2-99 (as the operands; 1 has no
+        a=a, b=b, c=c, d=d, n=rng.randint(2, 99), things=rng.choice(THINGS),  # plural), 4-digit years
+        year=rng.randint(1200, 1999), time=f"{rng.randint(1, 12)}:{rng.randrange(0, 60, 5):02d}")
+
+def distinct(draw, n):  # the first n distinct results of draw(), in order
+    out = {}
+    while len(out) < n:
+        out[draw()] = None
+    return list(out)
 
 @functools.lru_cache(maxsize=4)  # a pure function of its arguments: built once per process
-def build_corpus(seed=0, n_people=150, filler=0.1):
+def build_corpus(seed=0, n_people=150, filler=0.1, version="v2", arith=ARITH):
+    """filler and arith: the shares of narrative and of arithmetic sentences (v1 ignores arith)."""
+    if version not in ("v1", "v2") or not (0 < filler and 0 <= arith and filler + arith < 1):
+        raise ValueError(f"build_corpus: version must be v1 or v2 and 0 < filler, 0 <= arith, filler + arith < 1; "
+                         f"got {version!r}, {filler}, {arith}")
     rng = random.Random(f"world/{seed}")
     people = set()
     while len(people) < n_people:  # invented names, syllable by syllable
@@ -58,14 +90,24 @@ def build_corpus(seed=0, n_people=150, filler=0.1):
             value = rng.choice(values)
             facts += [t.format(name, value) for t in templates]
             probes.append((attr, "\n" + templates[0].format(name, "\0").split(" \0")[0], value))
-    narrative = sorted({f"The {a} {b} {c} {d}." for a in FILLER[0] for b in FILLER[1]
-                        for c in FILLER[2] for d in FILLER[3]})
-    rng.shuffle(narrative)
-    n_filler = round(filler / (1 - filler) * len(facts))
-    sentences, heldout = facts + narrative[:n_filler], narrative[n_filler:n_filler + 300]
+    if version == "v1":  # as first shipped: no arithmetic, the grammar's sentences shuffled by the world
+        arith, stories = 0.0, sorted({f"The {a} {b} {c} {d}." for a in FILLER[0] for b in FILLER[1]
+                                      for c in FILLER[2] for d in FILLER[3]})
+        rng.shuffle(stories)
+    n_filler, n_arith = (round(share / (1 - filler - arith) * len(facts)) for share in (filler, arith))
+    sums = []
+    if version == "v2":  # numbers from a stream of their own: the world (and so the probes) stay v1's
+        num = random.Random(f"numbers/{seed}")
+        stories = distinct(lambda: narrative(num), n_filler + 300)
+        pairs = [(x, y) for x in range(10) for y in range(10)]
+        num.shuffle(pairs)  # every one-digit sum once before any twice
+        sums = [f"The {num.choice(FILLER[0])} {num.choice(FILLER[1])} {num.choice(KNOWS)} {x}+{y}={x + y}."
+                for x, y in (pairs[i % len(pairs)] for i in range(n_arith))]
+    sentences, heldout = facts + stories[:n_filler] + sums, stories[n_filler:n_filler + 300]
     # eight shuffled copies, so that every sentence appears in several contexts
     text = "".join("\n" + "\n".join(rng.sample(sentences, len(sentences))) for _ in range(8))
-    return Corpus(torch.tensor(encode(text)), torch.tensor(encode("\n" + "\n".join(heldout))), tuple(probes))
+    return Corpus(torch.tensor(encode(text)), torch.tensor(encode("\n" + "\n".join(heldout))), tuple(probes),
+                  frozenset(re.findall(r"\d+\+\d+=", text)))
 
 def sample_problem(task, rng):  # -> (prompt, answer); the answer ends with "." so exact match stops
     if task == "add":
@@ -81,10 +123,14 @@ def sample_problem(task, rng):  # -> (prompt, answer); the answer ends with "." 
     return f"cnt {c}:{w}=", f"{w.count(c)}."
 
 @functools.lru_cache(maxsize=16)
-def test_problems(task, seed, n):  # distinct held-out problems; training never draws them
+def test_problems(task, seed, n, exclude=frozenset()):
+    """n distinct held-out problems (training never draws them), none whose prompt is in exclude:
+    pass corpus.stated, so that no test problem is answered by the pre-training text."""
     rng, problems = random.Random(f"test/{task}/{seed}"), {}
     while len(problems) < n:
-        problems.update([sample_problem(task, rng)])
+        prompt, answer = sample_problem(task, rng)
+        if prompt not in exclude:
+            problems[prompt] = answer
     return tuple(problems.items())
 
 def make_rows(prompts, answers):
