@@ -48,6 +48,8 @@ NARRATIVE = (  # v2: v1's sentence, and numbers in the roles they play in ordina
     "The {a} {b} lives at number {n}.", "In {year} the {a} {b} came to {d}.", "The clock by {d} shows {time}.")
 THINGS = ("apples", "boats", "stones", "lamps", "birds", "trees")  # what the counts count
 KNOWS = ("knows that", "says that", "learns that", "is sure that")  # v2's arithmetic prose
+HELDOUT_SENTENCES = 300  # held-out narrative (~10k characters): enough for the 64 windows of 128 that the loss reads
+COPIES = 8  # shuffled copies of the sentences in the pre-training text: each seen in 8 contexts per epoch
 ARITH = 0.05  # v2's share of arithmetic sentences: about 100 in the default world, so each of the 100
               # one-digit sums is stated about once, a little arithmetic beside 85 % facts
 
@@ -98,14 +100,14 @@ def build_corpus(seed=0, n_people=150, filler=0.1, version="v2", arith=ARITH):
     sums = []
     if version == "v2":  # numbers from a stream of their own: the world (and so the probes) stay v1's
         num = random.Random(f"numbers/{seed}")
-        stories = distinct(lambda: narrative(num), n_filler + 300)
+        stories = distinct(lambda: narrative(num), n_filler + HELDOUT_SENTENCES)
         pairs = [(x, y) for x in range(10) for y in range(10)]
         num.shuffle(pairs)  # every one-digit sum once before any twice
         sums = [f"The {num.choice(FILLER[0])} {num.choice(FILLER[1])} {num.choice(KNOWS)} {x}+{y}={x + y}."
                 for x, y in (pairs[i % len(pairs)] for i in range(n_arith))]
-    sentences, heldout = facts + stories[:n_filler] + sums, stories[n_filler:n_filler + 300]
-    # eight shuffled copies, so that every sentence appears in several contexts
-    text = "".join("\n" + "\n".join(rng.sample(sentences, len(sentences))) for _ in range(8))
+    sentences, heldout = facts + stories[:n_filler] + sums, stories[n_filler:n_filler + HELDOUT_SENTENCES]
+    # shuffled copies, so that every sentence appears in several contexts
+    text = "".join("\n" + "\n".join(rng.sample(sentences, len(sentences))) for _ in range(COPIES))
     return Corpus(torch.tensor(encode(text)), torch.tensor(encode("\n" + "\n".join(heldout))), tuple(probes),
                   frozenset(re.findall(r"\d+\+\d+=", text)))
 
