@@ -4,18 +4,31 @@ import copy
 import io
 import math
 
-import numpy as np
 import pytest
 import torch
 
 import mofo
-from mofo import MoFO, gd_mofo_step_, topk_mask, topk_threshold
+from mofo import MoFO, filter_fast_, topk_mask_reference, topk_threshold
 
 
 def reference_mask(x, k):
-    """The obvious exact mask: |x| >= the k-th largest |x| from a full torch.topk."""
+    """The obvious exact mask: |x| >= the k-th largest |x| from a full, sorted torch.topk
+    (written here independently of mofo.topk_mask_reference, which these tests also check)."""
     a = x.abs()
     return a >= torch.topk(a.reshape(-1), k).values[-1]
+
+
+def fast_matches_reference(x, k, sampled=None):
+    """Whether the fast path finds the reference mask of |x| for this k: topk_threshold's tau and
+    count, and filter_fast_'s kept momentum (the hardshrink on CPU) bit for bit."""
+    mask = reference_mask(x, k)
+    if not torch.equal(topk_mask_reference(x.abs(), k), mask):
+        return False
+    tau, count = mofo.topk_threshold(x.abs(), k, sampled=sampled)
+    kept = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    kept_count = filter_fast_("momentum", None, x, None, k, None, kept, None)
+    return (torch.equal(x.abs() >= tau, mask) and int(count) == int(mask.sum()) == int(kept_count)
+            and torch.equal(kept, x * mask))
 
 
 def small_model(seed=0):
@@ -45,12 +58,13 @@ def set_grads(params, step):
 
 # --- alpha = 1 is AdamW -------------------------------------------------------------------
 
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 @pytest.mark.parametrize("maximize", [False, True])
-def test_alpha_one_is_adamw_bitwise(weight_decay, maximize):
+def test_alpha_one_is_adamw_bitwise(weight_decay, maximize, fast):
     model_a, model_b = small_model(), small_model()
     opt_a = MoFO(model_a.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6,
-                 weight_decay=weight_decay, alpha=1.0, maximize=maximize)
+                 weight_decay=weight_decay, alpha=1.0, maximize=maximize, fast=fast)
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6,
                               weight_decay=weight_decay, maximize=maximize, foreach=False)
     train(model_a, opt_a, 50)
@@ -111,22 +125,34 @@ def mask_cases():
     yield "bfloat16", torch.randn(400, 250, generator=gen).bfloat16()
 
 
+def ks(n):
+    return sorted({1, 2, n // 100, n // 10, n // 3, n // 2, n - 1, n} & set(range(1, n + 1)))
+
+
 @pytest.mark.parametrize("name,x", list(mask_cases()), ids=[c[0] for c in mask_cases()])
-def test_topk_mask_equals_torch_topk(name, x):
-    n = x.numel()
-    for k in sorted({1, 2, n // 100, n // 10, n // 3, n // 2, n - 1, n} & set(range(1, n + 1))):
-        got = topk_mask(x, k)
-        assert got.shape == x.shape and got.dtype == torch.bool
-        assert torch.equal(got, reference_mask(x, k)), (name, k)
+def test_fast_mask_equals_torch_topk(name, x):
+    for k in ks(x.numel()):
+        assert fast_matches_reference(x, k), (name, k)
+
+
+@pytest.mark.parametrize("name,x", [c for c in mask_cases() if c[1].numel() >= mofo.SAMPLE_SIZE],
+                         ids=[c[0] for c in mask_cases() if c[1].numel() >= mofo.SAMPLE_SIZE])
+def test_forced_sampled_path_equals_torch_topk(name, x):
+    # sampled=True is what the CUDA test below runs; here it also covers tensors between
+    # SAMPLE_SIZE and 4 * SAMPLE_SIZE entries, which the default sends to a direct torch.topk
+    for x in (x, x.reshape(-1)[:mofo.SAMPLE_SIZE + 13]):
+        for k in ks(x.numel()):
+            mask = reference_mask(x, k)
+            tau, count = topk_threshold(x.abs(), k, sampled=True)
+            assert torch.equal(x.abs() >= tau, mask) and int(count) == int(mask.sum()), (name, k)
 
 
 def test_topk_threshold_count_and_exactly_k_without_ties():
     x = torch.randn(400, 250, generator=torch.Generator().manual_seed(1))
     for k in (1, 7, 10000, 50000, 99999):
         tau, count = topk_threshold(x.abs(), k)
-        assert count == k == int(topk_mask(x, k).sum())
+        assert count == k == int(reference_mask(x, k).sum())
         assert tau == torch.topk(x.abs().reshape(-1), k).values[-1]
-    assert topk_mask(x, 0).sum() == 0
 
 
 def test_topk_threshold_when_the_bracket_misses(monkeypatch):
@@ -140,57 +166,109 @@ def test_topk_threshold_when_the_bracket_misses(monkeypatch):
     for _ in range(10):
         x = torch.randn(400, 250, generator=gen)
         for k in (10, 10000, 80000):
-            assert torch.equal(topk_mask(x, k), reference_mask(x, k))
+            assert fast_matches_reference(x, k)
     assert 100000 in full_selections  # the fallback did run
 
 
-def test_off_by_one_threshold_would_be_caught():
-    # The reference and the exact counts tell apart the k-th and the (k+1)-th value.
+def test_off_by_one_in_the_fast_path_is_caught(monkeypatch):
+    # The comparisons above must tell the k-th from the (k+1)-th value: with the fast path's
+    # exact selection shifted by one, the mask comparison fails on the sampled and the direct
+    # path, and the fast optimizer drifts from the reference one.
     x = torch.randn(400, 250, generator=torch.Generator().manual_seed(3))
-    assert not torch.equal(reference_mask(x, 10000), reference_mask(x, 10001))
-    assert int(topk_mask(x, 10000).sum()) == 10000
+    assert fast_matches_reference(x, 10000) and fast_matches_reference(x, 10000, sampled=False)
+    kth = mofo.kth_largest
+    monkeypatch.setattr(mofo, "kth_largest", lambda x, k: kth(x, min(k + 1, x.numel())))
+    assert not fast_matches_reference(x, 10000)
+    assert not fast_matches_reference(x, 10000, sampled=False)
+    threshold = mofo.topk_threshold
+    monkeypatch.setattr(mofo, "kth_largest", kth)
+    monkeypatch.setattr(mofo, "topk_threshold", lambda s, k, *args, **kwargs: threshold(s, k + 1, *args, **kwargs))
+    fast, ref = train_both_paths("momentum", steps=2)
+    assert not all(torch.equal(p, q) for p, q in zip(fast.parameters(), ref.parameters()))
 
 
-def test_plain_topk_reference_in_bench_is_the_same_algorithm():
-    # bench.py times MoFO against this straightforward version; both must compute the same.
-    from bench import mofo_topk_step_
-    torch.manual_seed(0)
-    params = [torch.randn(400, 250, requires_grad=True), torch.randn(30, 40, requires_grad=True),
-              torch.randn(50, requires_grad=True)]
-    plain = [p.detach().clone().requires_grad_() for p in params]
-    states = [{"step": 0, "exp_avg": torch.zeros_like(p), "exp_avg_sq": torch.zeros_like(p)} for p in plain]
-    opt = MoFO(params, lr=1e-2, alpha=0.1)
-    for step in range(4):
-        set_grads(params, step)
-        set_grads(plain, step)
-        opt.step()
-        mofo_topk_step_(plain, states, 1e-2, (0.9, 0.999), 1e-8, 0.1)
-    for p, q in zip(params, plain):
+def wide_model(seed=0):
+    # the first weight (300 x 250 = 75000 entries) takes the sampled threshold; the rest are small
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(250, 300), torch.nn.Tanh(), torch.nn.Linear(300, 3),
+                               torch.nn.Tanh(), torch.nn.Linear(3, 2))
+
+
+def train_both_paths(filter, steps, device="cpu"):
+    """The same model trained with fast=True and with fast=False; returns the two models."""
+    models = []
+    for fast in (True, False):
+        model = wide_model().to(device)
+        opt = MoFO(model.parameters(), lr=1e-2, alpha=0.1, filter=filter, weight_decay=0.01, seed=3,
+                   fast=fast)
+        fractions = []
+        for step in range(steps):
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 250, generator=gen).to(device), torch.randn(16, 2, generator=gen).to(device)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+            fractions.append(opt.last_update_fraction)
+        model.opt, model.fractions = opt, fractions
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("filter", mofo.FILTERS)
+def test_fast_and_reference_paths_are_bitwise_identical(filter):
+    fast, ref = train_both_paths(filter, steps=20)
+    for p, q in zip(fast.parameters(), ref.parameters()):
         assert torch.equal(p, q)
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(fast.opt.state[p][key], ref.opt.state[q][key])
+    assert fast.fractions == ref.fractions
+    assert torch.equal(fast.opt.generator.get_state(), ref.opt.generator.get_state())
 
 
 # --- the optimizer ------------------------------------------------------------------------
 
+def score_after_step(opt, p, filter):
+    """What `filter` ranked in the step just taken, recomputed from the optimizer's state."""
+    state = opt.state[p]
+    if filter == "gradient":
+        return p.grad.abs()
+    if filter == "momentum":
+        return state["exp_avg"].abs()
+    bias_correction2_sqrt = (1 - 0.999 ** state["step"].item()) ** 0.5
+    return state["exp_avg"].abs() / (state["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add(1e-8)
+
+
+@pytest.mark.parametrize("fast", [True, False])
 @pytest.mark.parametrize("filter", mofo.FILTERS)
-def test_exactly_floor_alpha_n_entries_move(filter):
+def test_exactly_floor_alpha_n_entries_move(filter, fast):
     # weights start at 0, so that no selected entry's update is lost to rounding
-    matrices = [torch.zeros(40, 50, requires_grad=True), torch.zeros(400, 250, requires_grad=True)]
+    matrices = [torch.zeros(40, 50, requires_grad=True), torch.zeros(400, 250, requires_grad=True),
+                torch.zeros(3, 3, requires_grad=True)]  # floor(0.1 * 9) = 0 -> max(1, k) = 1
     vector = torch.zeros(50, requires_grad=True)
-    tiny = torch.zeros(3, 3, requires_grad=True)  # floor(0.1 * 9) = 0 -> max(1, k) = 1
-    params = matrices + [vector, tiny]
-    opt = MoFO(params, lr=1e-3, alpha=0.1, filter=filter)
+    params = matrices + [vector]
+    opt = MoFO(params, lr=1e-3, alpha=0.1, filter=filter, fast=fast)
     total = sum(p.numel() for p in params)
     for step in range(4):
         before = [p.detach().clone() for p in params]
         moments = [opt.state[p]["exp_avg"].clone() for p in params] if step else None
         set_grads(params, step)
         opt.step()
-        moved = [int((p != b).sum()) for p, b in zip(params, before)]
-        if filter != "update":  # the "update" score |m|/denom has exact ties; see below
-            assert moved[:2] == [200, 10000]
-            assert moved[3] == 1
-            assert opt.last_update_fraction == (200 + 10000 + 50 + 1) / total
-        assert moved[2] == 50  # 1-D tensors are dense
+        moved = [p != b for p, b in zip(params, before)]
+        counts = []
+        for p, mv, k in zip(matrices, moved, (200, 10000, 1)):
+            if filter == "random":  # exactly k drawn entries
+                assert int(mv.sum()) == k
+                counts.append(k)
+                continue
+            mask = reference_mask(score_after_step(opt, p, filter), k)  # ties at tau kept
+            assert torch.equal(mv, mask)
+            counts.append(int(mask.sum()))
+            if filter != "update":  # random floats do not tie: exactly k
+                assert counts[-1] == k
+        if filter == "update" and step == 0:  # |m|/denom ~ 0.1 everywhere at t = 1: ties at tau
+            assert counts[1] > 10000
+        assert bool(moved[3].all())  # 1-D tensors are dense
+        assert opt.last_update_fraction == (sum(counts) + 50) / total
         if step:  # every entry's momentum moves, selected or not
             for p, m0 in zip(params, moments):
                 assert bool((opt.state[p]["exp_avg"] != m0).all())
@@ -436,41 +514,33 @@ def test_sparse_gradients_raise_value_error():
         opt.step()
 
 
-# --- GD-MoFO for theory/ ------------------------------------------------------------------
-
-def test_gd_mofo_alpha_one_is_plain_gd():
-    rng = np.random.default_rng(0)
-    theta = [torch.from_numpy(rng.standard_normal((5, 7))), torch.from_numpy(rng.standard_normal(9))]
-    grads = [torch.from_numpy(rng.standard_normal((5, 7))), torch.from_numpy(rng.standard_normal(9))]
-    expected = [t - 0.1 * g for t, g in zip(theta, grads)]
-    gd_mofo_step_(theta, grads, lr=0.1, alpha=1.0)
-    for t, e in zip(theta, expected):
-        assert t.dtype == torch.float64 and torch.equal(t, e)
-
-
-def test_gd_mofo_uses_ceil_and_keeps_an_alpha_share_of_the_norm():
-    rng = np.random.default_rng(1)
-    g = torch.from_numpy(rng.standard_normal((10, 10)))
-    theta = torch.zeros(10, 10, dtype=torch.float64)
-    gd_mofo_step_([theta], [g], lr=1.0, alpha=0.123)  # ceil(12.3) = 13 entries, not 12
-    moved = theta != 0
-    assert int(moved.sum()) == 13
-    assert torch.equal(moved, reference_mask(g, 13))
-    assert float((g * moved).pow(2).sum()) >= 0.123 * float(g.pow(2).sum())
-
-
 # --- CUDA (skipped on machines without a GPU) -------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @needs_cuda
-@pytest.mark.parametrize("name,x", list(mask_cases()), ids=[c[0] for c in mask_cases()])
-def test_cuda_topk_mask_equals_torch_topk(name, x):
+@pytest.mark.parametrize("name,x", [c for c in mask_cases() if c[1].numel() >= mofo.SAMPLE_SIZE],
+                         ids=[c[0] for c in mask_cases() if c[1].numel() >= mofo.SAMPLE_SIZE])
+def test_cuda_sampled_threshold_equals_torch_topk(name, x):
+    # On a GPU topk_threshold runs a direct torch.topk unless sampled=True: force the sampled
+    # path (the one the CPU uses) so that its comparisons and gathers are checked on CUDA too.
     x = x.cuda()
     n = x.numel()
     for k in sorted({1, n // 100, n // 10, n // 2, n} & set(range(1, n + 1))):
-        assert torch.equal(topk_mask(x, k), reference_mask(x, k)), (name, k)
+        mask = reference_mask(x, k)
+        tau, count = topk_threshold(x.abs(), k, sampled=True)
+        assert tau.is_cuda and torch.equal(x.abs() >= tau, mask), (name, k)
+        assert int(count) == int(mask.sum()), (name, k)
+
+
+@needs_cuda
+@pytest.mark.parametrize("filter", mofo.FILTERS)
+def test_cuda_fast_and_reference_paths_are_bitwise_identical(filter):
+    fast, ref = train_both_paths(filter, steps=20, device="cuda")
+    for p, q in zip(fast.parameters(), ref.parameters()):
+        assert torch.equal(p, q)
+    assert fast.fractions == ref.fractions
 
 
 @needs_cuda
@@ -489,21 +559,35 @@ def test_cuda_alpha_one_is_adamw_bitwise(weight_decay):
 @pytest.mark.parametrize("filter", ["momentum", "random"])
 def test_bf16_moves_only_the_mask_with_fp32_moments(device, filter):
     """bf16 gradients tie a lot: the mask is |m| >= tau with ties kept (momentum), or exactly k
-    drawn entries (random); an entry outside it never moves, and the count reported is the mask's."""
+    drawn entries (random). Exactly the masked entries whose AdamW step survives rounding to bf16
+    move, to where AdamW puts them (a dense alpha=1 twin with the same moments says which and
+    where), and the count reported is the mask's."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.randn(300, 200, device=device).bfloat16())
+    twin = torch.nn.Parameter(p.detach().clone())
     opt = MoFO([p], lr=1e-2, alpha=0.1, filter=filter)
+    dense = MoFO([twin], lr=1e-2, alpha=1.0)
     k = 6000
     for step in range(3):
         before = p.detach().clone()
+        with torch.no_grad():
+            twin.copy_(p)
+        draw = torch.Generator().set_state(opt.generator.get_state())  # the draw opt will make
         p.grad = torch.randn(300, 200, generator=torch.Generator().manual_seed(step)).to(device).bfloat16()
+        twin.grad = p.grad.clone()
         opt.step()
-        moved = p != before
+        dense.step()
         assert opt.state[p]["exp_avg"].dtype == torch.float32
+        assert torch.equal(opt.state[p]["exp_avg"], dense.state[twin]["exp_avg"])
         if filter == "momentum":
             mask = reference_mask(opt.state[p]["exp_avg"], k)
-            assert not (moved & ~mask).any()
-            assert opt.last_update_fraction == pytest.approx(int(mask.sum()) / p.numel())
             assert int(mask.sum()) >= k
         else:
-            assert int(moved.sum()) <= k and opt.last_update_fraction == pytest.approx(k / p.numel())
+            mask = torch.zeros(p.numel(), dtype=torch.bool)
+            mask[torch.randperm(p.numel(), generator=draw)[:k]] = True
+            mask = mask.view(p.shape).to(device)
+        moved, stepped = p != before, twin != before
+        assert torch.equal(moved, mask & stepped)
+        assert int(moved.sum()) == int((mask & stepped).sum()) > k // 2  # most selected steps survive
+        assert torch.equal(p[mask], twin[mask])
+        assert opt.last_update_fraction == int(mask.sum()) / p.numel()

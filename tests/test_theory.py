@@ -4,11 +4,12 @@ import math
 import numpy as np
 import pytest
 import sympy as sp
+import torch
 
 from theory.adam import adam_mofo_trajectories
 from theory.check import (RTOL, GridConfig, bound_curve, check_run, floor_rounded_step,
                           floor_vs_ceil, negative_control, run_config, run_grid)
-from theory.gd import initial_point, partition, run_gd_mofo
+from theory.gd import gd_mofo_step_, initial_point, partition, run_gd_mofo
 from theory.losses import logistic, make_loss, quadratic, robust_regression, symbolic_loss
 
 NAMES = ("quadratic", "logistic", "robust")
@@ -44,6 +45,27 @@ def test_negative_control_eta_above_2_over_L_is_detected():
     assert all(r["bound_violations"] == r["runs"] * 100 for r in rows.values())
     # the smoothness inequality itself holds for any η; the check must not flag it
     assert all(r["descent_violations"] == 0 for r in rows.values())
+
+
+def test_gd_mofo_alpha_one_is_plain_gd():
+    rng = np.random.default_rng(0)
+    theta = [torch.from_numpy(rng.standard_normal((5, 7))), torch.from_numpy(rng.standard_normal(9))]
+    grads = [torch.from_numpy(rng.standard_normal((5, 7))), torch.from_numpy(rng.standard_normal(9))]
+    expected = [t - 0.1 * g for t, g in zip(theta, grads)]
+    gd_mofo_step_(theta, grads, lr=0.1, alpha=1.0)
+    for t, e in zip(theta, expected):
+        assert t.dtype == torch.float64 and torch.equal(t, e)
+
+
+def test_gd_mofo_uses_ceil_and_keeps_an_alpha_share_of_the_norm():
+    rng = np.random.default_rng(1)
+    g = torch.from_numpy(rng.standard_normal((10, 10)))
+    theta = torch.zeros(10, 10, dtype=torch.float64)
+    gd_mofo_step_([theta], [g], lr=1.0, alpha=0.123)  # ceil(12.3) = 13 entries, not 12
+    moved = theta != 0
+    assert int(moved.sum()) == 13
+    assert torch.equal(moved, g.abs() >= torch.topk(g.abs().reshape(-1), 13).values[-1])
+    assert float((g * moved).pow(2).sum()) >= 0.123 * float(g.pow(2).sum())
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mofo import gd_mofo_step_, topk_mask
-from theory.gd import initial_point, partition, run_gd_mofo
+from mofo import topk_mask_reference
+from theory.gd import gd_mofo_step_, initial_point, partition, run_gd_mofo
 from theory.losses import make_loss
 
 # float64 round-off of sums of up to 1000 terms is ~1e-13 relative; 1e-10 leaves room, no more
@@ -146,7 +146,7 @@ def run_config(cfg, step=gd_mofo_step_, L_scale=1.0):
 def floor_vs_ceil(n=10, alpha=0.25):
     """Why k = ⌈αn⌉: with k = ⌊αn⌋ the top-k entries may carry less than an α share of ‖g‖².
 
-    Uses nearly equal, distinct entries (so no ties widen the mask) and mofo.topk_mask.
+    Uses nearly equal, distinct entries (so no ties widen the mask) and mofo.topk_mask_reference.
     Returns the kept share for both roundings.
     """
     import torch
@@ -154,7 +154,7 @@ def floor_vs_ceil(n=10, alpha=0.25):
     g = torch.linspace(1.0, 1.001, n, dtype=torch.float64)
     out = {"n": n, "alpha": alpha}
     for name, k in (("floor", math.floor(alpha * n)), ("ceil", math.ceil(alpha * n))):
-        kept = topk_mask(g, k)
+        kept = topk_mask_reference(g.abs(), k)
         out[f"k_{name}"] = k
         out[f"share_{name}"] = float((g[kept] ** 2).sum() / (g**2).sum())
     return out
@@ -163,7 +163,7 @@ def floor_vs_ceil(n=10, alpha=0.25):
 def floor_rounded_step(params, grads, lr, alpha):
     """GD-MoFO with k = ⌊α n_b⌋ and no max(1, k) guard: a deliberately loosened mask.
 
-    Delegates to mofo.gd_mofo_step_ with an α that makes its ⌈α n_b⌉ land on ⌊α n_b⌋ (half an
+    Delegates to gd_mofo_step_ with an α that makes its ⌈α n_b⌉ land on ⌊α n_b⌋ (half an
     entry below, so round-off in α·n_b cannot tip it over); blocks whose ⌊α n_b⌋ is 0 do not move
     at all. Only for showing that the lemma check catches it.
     """

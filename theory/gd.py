@@ -1,16 +1,30 @@
 """GD-MoFO runs on the toy losses, recording what the bound's proof needs at every step.
 
 GD-MoFO (MoFO, arXiv 2407.20999, GD variant):  θ_{t+1} = θ_t − η (∇f(θ_t) ⊙ γ_t), where γ_t keeps,
-inside each block, the ⌈α·n_b⌉ entries of largest |∇f| (ties kept). The update itself is
-`mofo.gd_mofo_step_`, applied to float64 torch views of a numpy θ; nothing here re-implements it.
+inside each block, the ⌈α·n_b⌉ entries of largest |∇f| (ties kept). The update is gd_mofo_step_
+below, its mask mofo.py's topk_mask_reference, applied to float64 torch views of a numpy θ.
 
 The mask γ_t is read off the update that was actually applied (the entries of θ that changed),
 so the checks test what the optimizer did, not what it was meant to do.
 """
+import math
+
 import numpy as np
 import torch
 
-from mofo import gd_mofo_step_
+from mofo import topk_mask_reference
+
+
+@torch.no_grad()
+def gd_mofo_step_(params, grads, lr, alpha):
+    """GD-MoFO, θ -= lr * (g ⊙ top-α mask of |g|), each tensor one block, in place.
+
+    k = ⌈α·numel⌉, unlike the optimizer's ⌊α·numel⌋ (at least 1): the convergence bound rests on
+    ‖g ⊙ mask‖² ≥ α‖g‖², which needs k / numel ≥ α.
+    """
+    for p, g in zip(params, grads):
+        mask = topk_mask_reference(g.abs(), math.ceil(alpha * g.numel()))
+        p.sub_(lr * torch.where(mask, g, 0))
 
 
 def partition(d, kind):
@@ -34,8 +48,8 @@ def initial_point(d, seed):
 def run_gd_mofo(loss, theta0, blocks, alpha, eta, steps, step=gd_mofo_step_):
     """Run `steps` GD-MoFO steps from theta0; return the per-step record as plain arrays.
 
-    step(params, grads, lr, alpha) is the in-place update; the default is mofo's, and tests pass
-    deliberately broken ones to see that the checks catch them.
+    step(params, grads, lr, alpha) is the in-place update; the default is gd_mofo_step_, and tests
+    pass deliberately broken ones to see that the checks catch them.
 
     Returns dict with
       f              (steps+1,)  f(θ_t)
