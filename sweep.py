@@ -1,22 +1,24 @@
-"""Forgetting trade-off frontiers: every method over a learning-rate grid and seeds.
+"""Forgetting trade-off frontiers: every method over its own knob x learning rates x seeds.
 
-    python sweep.py                    # the frontier sweep on 2 CPU cores (~37 min), then its table
-    python sweep.py --sweep budget     # the main methods' frontiers again with 600 steps instead of 400
-    python sweep.py --sweep alpha      # MoFO's α from 0.02 to 1 at one learning rate
-    python sweep.py --sweep ablation   # MoFO's filter ablation (momentum/gradient/random/update)
-    python sweep.py --sweep defaults   # train_tiny.py's default run (600 steps, lr 2e-3) per method and α
+    python sweep.py                    # the headline frontier sweep on 2 CPU cores, then its tables
+    python sweep.py --sweep v1         # the same on the v1 corpus (no digits in pre-training)
+    python sweep.py --sweep ablation   # MoFO's filter ablation (momentum/gradient/update/random)
     python sweep.py --sweep continual  # four tasks in a row, every method: accuracy matrix, OP, BWT
-    python sweep.py --preset smoke     # every sweep's pipeline on a toy model, in seconds (tests, CI)
+    python sweep.py --preset smoke     # a sweep's whole pipeline on a toy model, in seconds (CI)
+    python sweep.py --revalidate       # after a code change: re-run a few cached runs, re-stamp if equal
+    python sweep.py --export           # write results/<sweep>.json, the committed copy the notebooks draw
 
-Why a sweep: the learning rate decides how much any method forgets. At one rate MoFO forgets less
-than full fine-tuning, but full fine-tuning at a lower rate may keep as much at the same task accuracy.
-The fair comparison is each method's *frontier*: over its learning rates, the upper-right envelope of
-(task accuracy, knowledge kept), where knowledge is the multiple-choice fact accuracy. Each point is
-the mean over seeds; the table reads the knowledge kept off each frontier at matched task accuracy.
+Why a sweep: the learning rate decides how much any method forgets, and a method tuned over more
+configurations looks better by selection alone. So each method gets the same number of
+configurations (its own knob x the learning rates; full fine-tuning a finer grid of rates), and is
+judged by its *frontier*: the upper-right envelope of (task accuracy, knowledge kept) over its
+configurations and over the steps at which every run is evaluated (a method that learns more slowly
+per step is not judged at one budget). Envelopes are drawn per seed; the tables give the mean and
+std over seeds of the knowledge kept at a matched task accuracy.
 
-Every run is one train_tiny.run(); its metrics land in <out_dir>/sweep/<key>.json, the key a readable
-name plus a hash of the run's whole configuration. An interrupted sweep resumes where it stopped, and
-a re-run computes only what is missing (change the step budget and every key changes).
+Every run is one train_tiny.run(); its metrics land in <out_dir>/sweep/<key>.json with the
+fingerprint of the code that produced them. A cached run is served only while its configuration
+*and* that code are unchanged; otherwise it is recomputed, and the sweep says which files changed.
 """
 import argparse
 import concurrent.futures as cf
@@ -29,64 +31,70 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 
 import data
 import train_tiny as tt
 
+ROOT = Path(__file__).resolve().parent
+
 # ----------------------------------------------------------------------------------------------
-# What is swept: a method is a label and the train_tiny flags that make it
-FRONTIER = {
+# What is swept: a label "<family> <knob>" and the train_tiny flags that make it
+def knob(family, method, name, values, **flags):
+    return {f"{family} {name}={v:g}": dict(method=method, **{name: v}, **flags) for v in values}
+
+FRONTIER = {  # equal tuning: 2 knob values x 2 rates each; full fine-tuning 4 rates; replay the reference
+    **knob("mofo", "mofo", "alpha", (0.05, 0.1)),        # the paper's continual and default α
+    **knob("hft", "hft", "hft_ratio", (0.25, 0.5)),       # HFT's paper trains 1/2; and half of that
+    **knob("l1", "l1", "reg", (1e-4, 1e-3)),              # an order of magnitude from v1's tuned 1e-4
+    **knob("l2", "l2", "reg", (1e-2, 1e-1)),              # likewise from 1e-2
+    **knob("lora", "lora", "rank", (4, 16)),              # PEFT's range of ranks, on the block matrices
     "full": dict(method="full"),
-    "mofo α=0.02": dict(method="mofo", alpha=0.02),
-    "mofo α=0.05": dict(method="mofo", alpha=0.05),
-    "mofo α=0.1": dict(method="mofo", alpha=0.1),
-    "mofo α=0.2": dict(method="mofo", alpha=0.2),
-    "hft": dict(method="hft"),
-    "l1": dict(method="l1"),
-    "l2": dict(method="l2"),
-    "lora": dict(method="lora"),
-    "replay 25%": dict(method="full", replay=0.25),  # the reference that needs pre-training data
+    "replay 25%": dict(method="full", replay=0.25),       # needs the pre-training data: a reference line
 }
-ALPHAS = {f"mofo α={a}": dict(method="mofo", alpha=a) for a in (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)}
+LRS = (1e-3, 2e-3)  # the knob methods' rates: their own knob already trades learning for keeping
+FULL_LRS = tuple(5e-4 * 4 ** (k / 3) for k in range(4))  # 5e-4 ... 2e-3, a factor 1.59 apart: 4 rates
 ABLATION = {f"mofo α=0.1 {f}": dict(method="mofo", alpha=0.1, filter=f)
             for f in ("momentum", "gradient", "update", "random")}
-CONTINUAL = {k: dict(v, tasks="add,reverse,sort,count") for k, v in FRONTIER.items()
-             if k in ("full", "mofo α=0.1", "hft", "l1", "l2", "lora", "replay 25%")}
-
-BUDGET = {k: FRONTIER[k] for k in ("full", "mofo α=0.1", "mofo α=0.2", "hft", "l1", "l2")}
+CONTINUAL = {"full": dict(method="full"), "mofo alpha=0.1": dict(method="mofo", alpha=0.1),
+             "hft": dict(method="hft"), "l1": dict(method="l1"), "l2": dict(method="l2"),
+             "lora": dict(method="lora"), "replay 25%": dict(method="full", replay=0.25)}
 QUIET = dict(log_interval=10**9, ckpt_interval=0)  # sweeps keep each run's JSON, not its checkpoints
 
 @dataclass
 class Sweep:
     methods: dict
-    lrs: tuple = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)
-    lr_scale: dict = field(default_factory=lambda: {"lora": 4.0})  # LoRA's usual rates are higher
+    lrs: tuple = LRS
+    lr_for: dict = field(default_factory=lambda: {"full": FULL_LRS, "replay 25%": (1e-3,)})  # own grids
+    lr_scale: dict = field(default_factory=lambda: {"lora": 4.0})      # LoRA's usual rates are higher
     seeds: tuple = (0, 1, 2)
-    base: dict = field(default_factory=lambda: dict(QUIET, max_iters=400))
+    base: dict = field(default_factory=lambda: dict(QUIET))
 
-SWEEPS = {"frontier": Sweep(FRONTIER),  # 400 steps: the whole sweep fits an hour on 2 CPU cores
-          # 600 steps (train_tiny.py's default): does a longer budget move the frontiers?
-          "budget": Sweep(BUDGET, base=dict(QUIET, max_iters=600)),
-          "alpha": Sweep(ALPHAS, lrs=(2e-3,), base=dict(QUIET, max_iters=600)),  # at the default rate
-          "ablation": Sweep(ABLATION, lrs=(1e-3, 2e-3, 4e-3), base=dict(QUIET, max_iters=600)),
-          "continual": Sweep(CONTINUAL, lrs=(1e-3,), seeds=(0,)),
-          "defaults": Sweep({**{k: FRONTIER[k] for k in ("full", "hft", "l1", "l2", "lora")}, **ALPHAS},
-                            lrs=(2e-3,), seeds=(0,), lr_scale={}, base=QUIET)}  # train_tiny.py's defaults
-SMOKE = {**tt.PRESETS["smoke"], **QUIET, "out_dir": "out/smoke"}
+SWEEPS = {"frontier": Sweep(FRONTIER),
+          "v1": Sweep(FRONTIER, base=dict(QUIET, corpus="v1")),  # what changed with the corpus
+          "ablation": Sweep(ABLATION),
+          "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
+                             lrs=(1e-3,), lr_for={}, seeds=(0,), base=dict(QUIET, max_iters=400))}
+SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 
-def smoke(sweep):  # the same sweep shrunk to seconds: toy model, two rates, one seed
-    return replace(sweep, lrs=sweep.lrs[-2:], seeds=sweep.seeds[:1], base=SMOKE)
+def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed
+    return replace(sweep, lrs=sweep.lrs[-1:], lr_for={}, seeds=sweep.seeds[:1], base={**SMOKE, **{
+        k: v for k, v in sweep.base.items() if k not in QUIET}})
+
+def family(label):  # "mofo alpha=0.1" -> "mofo": the frontier is drawn per family
+    return label.split(" ")[0]
 
 # ----------------------------------------------------------------------------------------------
 # Runs and their cache
 def configs(sweep, out_dir=None):
-    """[(label, lr, seed, key, Config)] of every run in the sweep, in a fixed order."""
+    """[(label, lr, seed, key, Config)] of every run in the sweep, seed by seed (a sweep cut short
+    still has whole seeds)."""
     runs = []
-    for label, flags in sweep.methods.items():
-        for lr in sweep.lrs:
-            for seed in sweep.seeds:
+    for seed in sweep.seeds:
+        for label, flags in sweep.methods.items():
+            for lr in sweep.lr_for.get(label, sweep.lrs):
                 cfg = tt.Config(**{**sweep.base, **flags, "seed": seed,
                                    "lr": lr * sweep.lr_scale.get(flags["method"], 1.0)})
                 cfg = replace(cfg, out_dir=out_dir or cfg.out_dir)
@@ -104,17 +112,26 @@ def cached(cfg):
     except (OSError, ValueError):
         return None
 
+def stale(m, now):
+    """What changed since m was computed (file names), [] if it still follows the code."""
+    return tt.changed(m.get("fingerprint", {}), now)
+
 def run_one(cfg):
-    """One run, its output in <key>.log; a diverged run is a result too (kept, and left off the plots)."""
+    """One run on one thread (results depend on the thread count), its output in <key>.log; a
+    diverged run is a result too (kept, and left off the plots)."""
     path = os.path.join(cfg.out_dir, cfg.run_name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     with open(path + ".log", "w") as f, contextlib.redirect_stdout(f):
         try:
             m = tt.run(cfg)
         except FloatingPointError as e:
-            m = {"diverged": str(e), "config": asdict(cfg)}
+            m = {"diverged": str(e), "config": asdict(cfg), "fingerprint": tt.FINGERPRINT}
             with open(path + ".json", "w") as g:
                 json.dump(m, g)
+        finally:
+            torch.set_num_threads(threads)
     if os.path.exists(path + ".pt"):
         os.remove(path + ".pt")  # the JSON is the result; 3 MB of weights per run adds up
     return m
@@ -125,21 +142,29 @@ def finished(todo, workers):
     if workers == 1:
         yield from ((r, run_one(r[4])) for r in todo)
         return
-    spawn = multiprocessing.get_context("spawn")
-    with cf.ProcessPoolExecutor(workers, mp_context=spawn, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_one, r[4]): r for r in todo}
         for f in cf.as_completed(futures):
             yield futures[f], f.result()
 
+def pretrain_first(runs):  # here, before the workers start, so that they do not all pre-train it
+    for cfg in {tt.pretrained_path(r[4]): r[4] for r in runs}.values():
+        corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
+        tt.load_or_pretrain(cfg, corpus, "cpu", nullcontext(), 0, 1)
+
 def run_sweep(sweep, out_dir=None, workers=2, echo=print):
-    """Run what the cache lacks; return {key: metrics} for the whole sweep and how many were computed."""
-    runs = configs(sweep, out_dir)
+    """Run what the cache lacks or what changed code made stale; return ({key: metrics}, #computed)."""
+    runs, now = configs(sweep, out_dir), tt.FINGERPRINT
     results = {key: m for *_, key, cfg in runs if (m := cached(cfg)) is not None}
-    todo = [r for r in runs if r[3] not in results]
-    echo(f"{len(runs)} runs, {len(results)} cached, {len(todo)} to compute")
-    if todo:  # pre-train here first, so that the workers do not all pre-train the same checkpoint
-        cfg = todo[0][4]
-        tt.load_or_pretrain(cfg, data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler), "cpu", nullcontext(), 0, 1)
+    old = {key: stale(m, now) for key, m in results.items() if stale(m, now)}
+    if old:
+        files = sorted({f for fs in old.values() for f in fs})
+        echo(f"{', '.join(files)} changed since these results: recomputing {len(old)} runs "
+             "(python sweep.py --revalidate re-stamps them instead if a few re-runs reproduce them)")
+    todo = [r for r in runs if r[3] not in results or r[3] in old]
+    echo(f"{len(runs)} runs, {len(runs) - len(todo)} cached, {len(todo)} to compute")
+    if todo:
+        pretrain_first(todo)
     t0 = time.time()
     for i, ((label, lr, seed, key, cfg), m) in enumerate(finished(todo, workers), 1):
         results[key] = m
@@ -148,15 +173,78 @@ def run_sweep(sweep, out_dir=None, workers=2, echo=print):
              f"{m['fact_mc_after']:6.1%} ({m['wall_s']:.0f} s; {time.time() - t0:.0f} s so far)"))
     return {key: results[key] for *_, key, _ in runs}, len(todo)
 
+NOT_COMPARED = ("time_s", "tokens_per_s", "wall_s", "peak_rss_mb", "pretrain_time_s",  # the clock, the machine
+                "config", "fingerprint", "pretrained_fingerprint", "revalidated")  # (run name) and the stamps
+
+def revalidate(sweep, out_dir=None, per_family=1, workers=2, echo=print):
+    """Re-run `per_family` stale runs of each family with the code in front of us. If every one
+    reproduces its cached metrics exactly, the sweep's stale runs are re-stamped with the new
+    fingerprint (the change kept the numbers); otherwise they stay stale. Returns True if re-stamped."""
+    runs, now = configs(sweep, out_dir), tt.FINGERPRINT
+    old = [r for r in runs if (m := cached(r[4])) is not None and stale(m, now)]
+    if not old:
+        echo("nothing to revalidate: every cached run follows the code")
+        return True
+    picks = {}
+    for r in old:
+        picks.setdefault(family(r[0]), [])
+        if len(picks[family(r[0])]) < per_family:
+            picks[family(r[0])].append(r)
+    picks = [r for rs in picks.values() for r in rs]
+    echo(f"{len(old)} runs are stale; re-running {len(picks)} of them ({per_family} per family)")
+    pretrain_first(picks)
+    was = {r[3]: cached(r[4]) for r in picks}
+    differ = []
+    for (label, lr, seed, key, cfg), new in finished(
+            [(*r[:4], replace(r[4], run_name=r[4].run_name + ".revalidate")) for r in picks], workers):
+        bad = [k for k in was[key] if k not in NOT_COMPARED and was[key][k] != new.get(k)]
+        echo(f"{label} lr {cfg.lr:.1e} seed {seed}: " + ("reproduced" if not bad else f"differs in {', '.join(bad)}"))
+        differ += bad
+        new_pretrained = new.get("pretrained_fingerprint")
+        os.remove(os.path.join(cfg.out_dir, cfg.run_name + ".json"))
+    if differ:
+        echo("not re-stamped: the change moved the numbers; `python sweep.py` recomputes the stale runs")
+        return False
+    for *_, cfg in old:
+        m = cached(cfg)
+        m["revalidated"] = {"from": m["fingerprint"], "by": [r[3] for r in picks]}
+        m["fingerprint"], m["pretrained_fingerprint"] = now, new_pretrained
+        Path(cfg.out_dir, cfg.run_name + ".json").write_text(json.dumps(m, indent=1))
+    echo(f"re-stamped {len(old)} runs with the new fingerprint")
+    return True
+
 # ----------------------------------------------------------------------------------------------
-# Frontiers: the upper-right envelope, and knowledge read off it at a matched task accuracy
-def points(sweep, results, out_dir=None, x="task_acc", y="fact_mc_after"):
-    """{label: {lr: {seed: (x, y)}}}, diverged runs left out."""
+# Committed results: one compact file per sweep, stamped with the code's fingerprint
+def export(name, results, path=None):
+    path = Path(path or ROOT / "results" / f"{name}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    prints = {json.dumps(m.get("fingerprint"), sort_keys=True) for m in results.values()}
+    if len(prints) != 1:
+        raise ValueError(f"the {name} sweep's runs come from {len(prints)} versions of the code; run it again first")
+    path.write_text(json.dumps({"sweep": name, "fingerprint": json.loads(prints.pop()), "runs": results},
+                               separators=(",", ":")))
+    return path
+
+def load(name, path=None, echo=print):
+    """The committed results of a sweep; says loudly when the code in front of us is not the code
+    that produced them."""
+    saved = json.loads(Path(path or ROOT / "results" / f"{name}.json").read_text())
+    diff = tt.changed(saved["fingerprint"], tt.FINGERPRINT)
+    if diff:
+        echo(f"WARNING: {', '.join(diff)} changed since results/{name}.json was computed: these plots show the "
+             f"old code's numbers. Run `python sweep.py --sweep {name}` (or --revalidate), then --export.")
+    return saved["runs"]
+
+# ----------------------------------------------------------------------------------------------
+# Frontiers: upper-right envelopes over configurations and steps, read at a matched task accuracy
+def curves(sweep, results, out_dir=None):
+    """{family: {seed: [(label, lr, curve)]}}: each run's evaluations along training, diverged runs
+    left out. A curve is [{iter, <task>_acc, <task>_loss, fact_mc, heldout_loss, dist_abs}]."""
     out = {}
     for label, lr, seed, key, _ in configs(sweep, out_dir):
-        m = results[key]
+        m = results.get(key, {"diverged": "not run (yet)"})
         if "diverged" not in m:
-            out.setdefault(label, {}).setdefault(lr, {})[seed] = (m[x], m[y])
+            out.setdefault(family(label), {}).setdefault(seed, []).append((label, lr, m["curve"]))
     return out
 
 def frontier(xy):
@@ -185,31 +273,49 @@ def mean_std(values):
     t = torch.tensor(values, dtype=torch.float64)
     return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
 
-def summary(sweep, results, out_dir=None, at=(0.5, 0.8, 0.9)):
-    """Per method: mean points over seeds, their frontier, and knowledge at matched task accuracy
-    (read off the frontier of each seed, then mean ± std over the seeds that reach it)."""
+def xy_of(point, task="add", x="acc"):
+    """A curve point as (x, knowledge): x is task accuracy, or minus the answer loss (x="loss"), so
+    that right is better on both readings."""
+    return (point[f"{task}_acc"] if x == "acc" else -point[f"{task}_loss"]), point["fact_mc"]
+
+def summary(sweep, results, out_dir=None, at=(0.5, 0.8, 0.9), x="acc"):
+    """Per family: each seed's envelope over its configurations x steps, and the knowledge kept at
+    matched task accuracy (x="acc") or answer loss (x="loss", `at` then in nats): mean ± std over
+    the seeds whose envelope reaches it."""
     rows = {}
-    for label, by_lr in points(sweep, results, out_dir).items():
-        stats = [[mean_std(v) for v in zip(*by_seed.values())] for by_seed in by_lr.values()]  # [(x, y)] per lr
-        means = [(sx[0], sy[0]) for sx, sy in stats]
-        per_seed = {s: [by_seed[s] for by_seed in by_lr.values() if s in by_seed] for s in sweep.seeds}
-        matched = {a: [k for xy in per_seed.values() if (k := kept_at(frontier(xy), a)) is not None] for a in at}
-        rows[label] = {"lrs": list(by_lr), "mean": means, "std": [(sx[1], sy[1]) for sx, sy in stats],
-                       "frontier": frontier(means), "n_seeds": len(sweep.seeds),
-                       "at": {a: (mean_std(v) if v else None, len(v)) for a, v in matched.items()}}
+    for fam, by_seed in curves(sweep, results, out_dir).items():
+        fronts = {s: frontier([xy_of(p, x=x) for _, _, c in runs for p in c]) for s, runs in by_seed.items()}
+        target = (lambda a: a) if x == "acc" else (lambda a: -a)
+        matched = {a: [k for f in fronts.values() if (k := kept_at(f, target(a))) is not None] for a in at}
+        rows[fam] = {"fronts": fronts, "n_seeds": len(by_seed), "n_runs": sum(map(len, by_seed.values())),
+                     "n_configs": len({(label, lr) for runs in by_seed.values() for label, lr, _ in runs}),
+                     "best": max(f[-1][0] for f in fronts.values()),
+                     "at": {a: (mean_std(v) if v else None, len(v)) for a, v in matched.items()}}
     return rows
 
-def table(rows):
+def transitions(sweep, results, out_dir=None, level=0.5, task="add"):
+    """{label: {lr: {seed: the first evaluated step at which task accuracy >= level (None: never)}}}."""
+    out = {}
+    for label, lr, seed, key, _ in configs(sweep, out_dir):
+        m = results.get(key, {"diverged": "not run (yet)"})
+        if "diverged" not in m:
+            out.setdefault(label, {}).setdefault(lr, {})[seed] = next(
+                (p["iter"] for p in m["curve"] if p[f"{task}_acc"] >= level), None)
+    return out
+
+def table(rows, x="acc"):
     at = list(next(iter(rows.values()))["at"])
-    head = "| method | best task acc | " + " | ".join(f"knowledge at {a:.0%} task acc" for a in at) + " |"
+    name = (lambda a: f"{a:.0%} task acc") if x == "acc" else (lambda a: f"answer loss {a:g}")
+    head = "| method (configs × seeds = runs) | best | " + " | ".join(f"knowledge at {name(a)}" for a in at) + " |"
     lines = [head, "|---" * (2 + len(at)) + "|"]
-    for label, r in rows.items():
+    for fam, r in rows.items():
         cells = []
         for a in at:
             ms, n = r["at"][a]
             cells.append("not reached" if ms is None else
                          f"{ms[0]:.1%} ± {ms[1]:.1%}" + ("" if n == r["n_seeds"] else f" ({n}/{r['n_seeds']} seeds)"))
-        lines.append(f"| {label} | {max(x for x, _ in r['mean']):.1%} | " + " | ".join(cells) + " |")
+        best = f"{r['best']:.1%}" if x == "acc" else f"{-r['best']:.3f}"
+        lines.append(f"| {fam} ({r['n_configs']} × {r['n_seeds']} = {r['n_runs']}) | {best} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 def continual_table(sweep, results, out_dir=None):
@@ -227,21 +333,31 @@ def sweep_tasks(sweep):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", choices=sorted(SWEEPS), default="frontier", help="which sweep (default: frontier)")
-    p.add_argument("--preset", choices=["smoke"], help="smoke: a toy model, two rates, one seed (seconds)")
+    p.add_argument("--preset", choices=["smoke"], help="smoke: a toy model, one rate, one seed (seconds)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (default: 2)")
-    p.add_argument("--out_dir", default=None, help="where pretrained.pt and sweep/ live (default: out, out/smoke)")
+    p.add_argument("--out_dir", default=None, help="where the pre-trained checkpoints and sweep/ live "
+                                                   "(default: out, out/smoke)")
+    p.add_argument("--revalidate", action="store_true", help="re-run one stale run per method; if all "
+                   "reproduce exactly, re-stamp the cache with the new code's fingerprint")
+    p.add_argument("--export", action="store_true", help="write results/<sweep>.json for the notebooks")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     sweep = smoke(SWEEPS[args.sweep]) if args.preset else SWEEPS[args.sweep]
+    if args.revalidate:
+        return 0 if revalidate(sweep, args.out_dir, workers=args.workers) else 1
     t0 = time.time()
     results, computed = run_sweep(sweep, args.out_dir, args.workers)
     first = next(m for m in results.values() if "diverged" not in m)
     print(f"\n{args.sweep} sweep: {len(results)} runs ({computed} computed) in {time.time() - t0:.0f} s; "
           f"{first['config']['max_iters']} steps per task; facts MC before {first['fact_mc_before']:.1%}, "
-          f"chance {first['fact_chance']:.1%}\n")
-    multi = "," in sweep_tasks(sweep)
-    print(continual_table(sweep, results, args.out_dir) if multi else table(summary(sweep, results, args.out_dir)))
+          f"chance {first['fact_chance']:.1%}; task accuracy before {first['task_acc_before']:.1%}\n")
+    if "," in sweep_tasks(sweep):
+        print(continual_table(sweep, results, args.out_dir))
+    else:
+        print(table(summary(sweep, results, args.out_dir)))
+    if args.export:
+        print(f"\nwrote {export(args.sweep + ('_smoke' if args.preset else ''), results)}")
     return 0
 
 if __name__ == "__main__":

@@ -8,7 +8,11 @@ fine-tune it on a new skill six ways, and measure what it learned and what it fo
   lora   LoRA (Hu et al., arXiv 2106.09685): W0 + (α/r)·BA on every block matrix, merged for eval.
   --replay mixes pre-training text into the batches: the reference that needs the old data.
 Knowledge is scored as lm-eval scores MMLU/ARC, by multiple choice over each attribute's values
-(log-likelihood; primary) and by greedy exact recall; general language by held-out text loss.
+(log-likelihood; primary) and by greedy exact recall; general language by held-out text loss. Every
+run is evaluated at step 0 and along training (its curves), so that learning can be read against
+forgetting at every step, not only at the end. Each method is one entry of METHODS; the world and
+the tasks are in data.py. Results carry a fingerprint of the code that made them (FINGERPRINT), and
+the pre-trained checkpoint one of its corpus and model code: a cache never outlives its code.
 
     python train_tiny.py --method mofo --alpha 0.1      # pre-trains once (cached), then fine-tunes
     python train_tiny.py --method full --tasks add,reverse,sort,count
@@ -16,6 +20,8 @@ Knowledge is scored as lm-eval scores MMLU/ARC, by multiple choice over each att
 """
 import argparse
 import functools
+import hashlib
+import inspect
 import json
 import math
 import os
@@ -35,7 +41,7 @@ from torch.nn.utils import parametrize
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hft
-from data import (ATTRIBUTES, TASKS, VOCAB, build_corpus, make_rows, sample_problem, shard,
+from data import (ARITH, ATTRIBUTES, TASKS, VOCAB, build_corpus, make_rows, sample_problem, shard,
                   test_problems, text_windows)
 from mofo import FILTERS, MoFO
 
@@ -52,22 +58,24 @@ class Config:
     device: str = opt("auto", "auto (cuda, then mps, then cpu) or a torch device name")
     compile: bool = opt(False, "torch.compile the model: pays off on GPUs, not for short CPU runs")
     data_seed: int = opt(0, "seed of the world, held-out text, test problems and pre-training")
+    corpus: str = opt("v2", "v2: numbers and one-digit sums in the world's prose | v1: no digits at all")
+    arith: float = opt(ARITH, "v2: fraction of pre-training sentences that state a one-digit sum")
     n_people: int = opt(150, "people in the world, 4 facts each, each fact in 3 sentence templates")
     filler: float = opt(0.1, "fraction of pre-training sentences that are narrative, not facts")
     n_layer: int = opt(4, "transformer blocks")
     n_head: int = opt(4, "attention heads")
     n_embd: int = opt(128, "channels")
     block_size: int = opt(128, "pre-training context length (characters)")
-    pretrain_iters: int = opt(1200, "pre-training steps, once per out_dir (cached in pretrained.pt)")
+    pretrain_max_iters: int = opt(1200, "pre-training steps, once per out_dir (cached, keyed by the corpus and code)")
     pretrain_batch_size: int = opt(32, "pre-training windows per step")
     pretrain_lr: float = opt(3e-3, "pre-training peak learning rate (AdamW, cosine)")
-    pretrain_warmup: int = opt(50, "pre-training warm-up steps")
+    pretrain_warmup_iters: int = opt(50, "pre-training warm-up steps")
     pretrain_weight_decay: float = opt(0.1, "pre-training AdamW decay on matrices")
     grad_clip: float = opt(1.0, "clip the global gradient norm (0: off)")
-    method: str = opt("mofo", "full | mofo | hft | l1 | l2 | lora")
+    method: str = opt("mofo", "full | mofo | hft | l1 | l2 | lora (the METHODS table)")
     tasks: str = opt("add", "comma-separated sequence of add, reverse, sort, count (continual)")
     seed: int = opt(0, "fine-tuning seed: data order, HFT draw, LoRA init, MoFO random filter")
-    max_iters: int = opt(600, "fine-tuning steps per task (a fixed step budget)")
+    max_iters: int = opt(1000, "fine-tuning steps per task: past the addition's learning transition")
     batch_size: int = opt(64, "problems per step (global: split across DDP ranks)")
     lr: float = opt(2e-3, "fine-tuning peak learning rate: the main knob for every method")
     warmup_iters: int = opt(20, "linear warm-up: the first large Adam steps do most forgetting")
@@ -76,21 +84,39 @@ class Config:
     filter: str = opt("momentum", "MoFO: rank entries by momentum | gradient | update | random")
     hft_ratio: float = opt(0.5, "HFT: fraction of block parameters trained, in (0, 1]")
     hft_strategy: str = opt("category", "HFT: category (the paper) | model | layer")
-    reg: float = opt(-1.0, "L1/L2: penalty strength λ (-1: tuned default, l1 1e-4, l2 1e-2)")
-    rank: int = opt(8, "LoRA: rank r of BA (scale α/r = 2)")
+    reg: float = opt(-1.0, "L1/L2: penalty strength λ (-1: the method's default, l1 1e-4, l2 1e-2)")
+    rank: int = opt(8, "LoRA: rank r of BA (scale LORA_ALPHA/r)")
     replay: float = opt(0.0, "fraction of each batch that is pre-training text, in [0, 1)")
-    eval_problems: int = opt(500, "held-out test problems per task")
+    eval_problems: int = opt(500, "held-out test problems per task, scored at the end")
+    curve_points: int = opt(8, "evaluations along each task, besides step 0 (a subset of probes)")
 
 PRESETS = {  # --preset: a named starting point; flags given on the command line still win
     "smoke": dict(out_dir="out/smoke", n_people=12, n_layer=2, n_head=2, n_embd=32, block_size=64,
-                  pretrain_iters=60, pretrain_batch_size=8, pretrain_warmup=5, max_iters=20,
-                  batch_size=8, warmup_iters=2, eval_problems=40, ckpt_interval=10, log_interval=10)}
-PRETRAIN_KEYS = ("data_seed", "n_people", "filler", "n_layer", "n_head", "n_embd", "block_size",
-                 "pretrain_iters", "pretrain_batch_size", "pretrain_lr", "pretrain_warmup",
-                 "pretrain_weight_decay")
+                  pretrain_max_iters=60, pretrain_batch_size=8, pretrain_warmup_iters=5, max_iters=20,
+                  batch_size=8, warmup_iters=2, eval_problems=40, curve_points=4, ckpt_interval=10,
+                  log_interval=10)}
+PRETRAIN_KEYS = ("data_seed", "corpus", "arith", "n_people", "filler", "n_layer", "n_head", "n_embd",
+                 "block_size", "pretrain_max_iters", "pretrain_batch_size", "pretrain_lr",
+                 "pretrain_warmup_iters", "pretrain_weight_decay")
 RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "compile")  # free on resume
-METHODS = ("full", "mofo", "hft", "l1", "l2", "lora")
-REG_DEFAULT = {"l1": 1e-4, "l2": 1e-2}
+PRETRAIN_BETAS = (0.9, 0.95)   # nanoGPT's pre-training betas
+FINETUNE_BETAS = (0.9, 0.999)  # torch's defaults, which the MoFO paper's fine-tuning uses
+LORA_ALPHA = 16.0              # LoRA's scale is LORA_ALPHA / rank: 2 at rank 8, PEFT's common lora_alpha=16
+REPLAY_CONTEXT_DIVISOR = 2     # replayed text windows are half the pre-training context (loss is a per-row mean)
+CURVE_PROBES = 100             # probes scored along the way (of 600): ~3 s per point on one CPU thread
+CURVE_PROBLEMS = 200           # test problems scored along the way (all eval_problems at the end)
+SOURCES = ("train_tiny.py", "data.py", "mofo.py", "hft.py")  # the files whose text decides a run's numbers
+
+@dataclass(frozen=True)
+class Stage:  # one training stage's schedule; pre-training and fine-tuning have the same shape
+    max_iters: int
+    batch_size: int
+    lr: float
+    warmup_iters: int
+    weight_decay: float
+
+def stage_of(cfg, prefix=""):  # stage_of(cfg, "pretrain_") or stage_of(cfg): the same names
+    return Stage(*(getattr(cfg, prefix + f.name) for f in fields(Stage)))
 
 # ----------------------------------------------------------------------------------------------
 # Model: Llama blocks (RMSNorm, rotary positions, q/k/v/o, gated MLP), untied LM head, no biases
@@ -100,7 +126,7 @@ class ModelConfig:
     n_head: int = 4
     n_embd: int = 128
     block_size: int = 128  # rotary tables cover this many positions
-    vocab_size: int = 68
+    vocab_size: int = len(VOCAB)
 
 def rotary(x, cos, sin):  # x (B, nh, T, hs): rotate pairs (i, i + hs/2) by pos·θ_i, as HF Llama
     x1, x2 = x.chunk(2, dim=-1)
@@ -176,13 +202,6 @@ class TinyLlama(nn.Module):
                               reduction="none").view_as(targets)
         return logits, (nll.sum(1) / (targets >= 0).sum(1).clamp(min=1)).mean()
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens):  # greedy
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            idx = torch.cat((idx, logits[:, -1].argmax(-1, keepdim=True)), dim=1)
-        return idx
-
 # ----------------------------------------------------------------------------------------------
 # Evaluation: multiple choice by log-likelihood, greedy exact match, held-out loss
 @torch.no_grad()
@@ -199,23 +218,27 @@ def score_answers(model, prompts, answers, device="cpu", rows_per_batch=512):
         exact += ((logits.argmax(-1) == target) | ~mask).all(1).tolist()
     return logp, exact
 
-def fact_scores(model, corpus, device="cpu"):
+def fact_scores(model, probes, device="cpu"):
     """fact_mc: the true value is the most likely of the attribute's candidates (lm-eval's multiple
     choice); fact_greedy: greedy decoding writes it; fact_chance: what guessing scores at MC."""
-    rows = [(prompt, f" {c}.", c == value) for attr, prompt, value in corpus.probes for c in ATTRIBUTES[attr][0]]
+    rows = [(prompt, f" {c}.", c == value) for attr, prompt, value in probes for c in ATTRIBUTES[attr][0]]
     logp, exact = score_answers(model, [r[0] for r in rows], [r[1] for r in rows], device)
     mc = greedy = i = 0
-    for attr, _, value in corpus.probes:
+    for attr, _, value in probes:
         n = len(ATTRIBUTES[attr][0])
         mc += rows[max(range(i, i + n), key=logp.__getitem__)][2]  # the most likely candidate
         greedy += next(exact[j] for j in range(i, i + n) if rows[j][2])  # the true value's row
         i += n
-    n = len(corpus.probes)
+    n = len(probes)
     return {"fact_mc": mc / n, "fact_greedy": greedy / n,
-            "fact_chance": sum(1 / len(ATTRIBUTES[a][0]) for a, _, _ in corpus.probes) / n}
+            "fact_chance": sum(1 / len(ATTRIBUTES[a][0]) for a, _, _ in probes) / n}
 
-def task_accuracy(model, problems, device="cpu"):
-    return sum(score_answers(model, *zip(*problems), device)[1]) / len(problems)
+def task_scores(model, problems, device="cpu"):
+    """(exact-match accuracy, answer loss): the loss, nats per answer character averaged over the
+    problems, moves smoothly where the accuracy jumps."""
+    prompts, answers = zip(*problems)
+    logp, exact = score_answers(model, prompts, answers, device)
+    return sum(exact) / len(problems), -sum(lp / len(a) for lp, a in zip(logp, answers)) / len(problems)
 
 @torch.no_grad()
 def estimate_loss(model, data, block_size, device="cpu", max_windows=64):
@@ -228,48 +251,76 @@ def estimate_loss(model, data, block_size, device="cpu", max_windows=64):
 class LoRA(nn.Module):
     """Parametrizes a frozen W0 as W = W0 + (α/r)·BA; B starts at zero, so training starts at W0."""
 
-    def __init__(self, weight, rank, scale=2.0):
+    def __init__(self, weight, rank):
         super().__init__()
-        self.scale = scale
+        self.scale = LORA_ALPHA / rank
         self.lora_A = nn.Parameter(torch.empty(rank, weight.size(1), device=weight.device))
         self.lora_B = nn.Parameter(torch.zeros(weight.size(0), rank, device=weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's init, as in the LoRA paper's code
 
     def forward(self, W0):
         return W0 + self.scale * self.lora_B @ self.lora_A
 
-def add_lora(model, rank):  # on every matrix inside the blocks (attention and MLP)
+def all_params(model, cfg, stage):
+    return list(model.parameters()), None
+
+def hft_half(model, cfg, stage):  # a new half of every block per stage (task)
+    trainable = hft.select(model, seed=cfg.seed, stage=stage, ratio=cfg.hft_ratio, strategy=cfg.hft_strategy)
+    return hft.apply(model, trainable), trainable
+
+def lora_params(model, cfg, stage):  # on every matrix inside the blocks (attention and MLP), as PEFT
     model.requires_grad_(False)
     for block in model.model.layers:
         for linear in (*block.self_attn.children(), *block.mlp.children()):
-            parametrize.register_parametrization(linear, "weight", LoRA(linear.weight, rank))
-    return [p for n, p in model.named_parameters() if "lora_" in n]
+            parametrize.register_parametrization(linear, "weight", LoRA(linear.weight, cfg.rank))
+    return [p for n, p in model.named_parameters() if "lora_" in n], None
 
-def merge_lora(model):  # W0 + (α/r)·BA becomes the plain weight again (same name); all trainable
+def adamw(params, cfg):
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=FINETUNE_BETAS, weight_decay=cfg.weight_decay)
+
+def mofo(params, cfg):
+    return MoFO(params, lr=cfg.lr, betas=FINETUNE_BETAS, weight_decay=cfg.weight_decay,
+                alpha=cfg.alpha, filter=cfg.filter, seed=cfg.seed)
+
+def l1_pull(delta):  # the gradient of ‖θ − θ0‖₁ (times λ)
+    return delta.sign()
+
+def l2_pull(delta):  # the gradient of ‖θ − θ0‖² (times λ)
+    return 2 * delta
+
+@dataclass(frozen=True)
+class Method:
+    params: object             # (model, cfg, stage) -> (trainable parameters, HFT selection or None)
+    optimizer: object          # (params, cfg) -> a torch.optim.Optimizer
+    pull: object = None        # Δ = θ − θ0 -> the gradient of a penalty toward θ0, added times λ
+    reg: float = 0.0           # the penalty's default λ (tuned on the v1 frontier)
+
+METHODS = {  # adding a method is one entry (and one sweep label): e.g. "mofo_l2": Method(all_params, mofo, l2_pull, 1e-2)
+    "full": Method(all_params, adamw),
+    "mofo": Method(all_params, mofo),
+    "hft": Method(hft_half, adamw),
+    "l1": Method(all_params, adamw, l1_pull, reg=1e-4),
+    "l2": Method(all_params, adamw, l2_pull, reg=1e-2),
+    "lora": Method(lora_params, adamw),
+}
+
+def end_stage(model):  # LoRA's W0 + (α/r)·BA becomes the plain weight (same name); all trainable again
     for module in model.modules():
         if parametrize.is_parametrized(module):
             parametrize.remove_parametrizations(module, "weight")
     model.requires_grad_(True)
 
-def setup_stage(model, cfg, stage):
-    """Trainable parameters and a fresh optimizer for one task; HFT draws its half per stage."""
-    trainable, params = None, list(model.parameters())
-    if cfg.method == "hft":
-        trainable = hft.select(model, seed=cfg.seed, stage=stage, ratio=cfg.hft_ratio, strategy=cfg.hft_strategy)
-        params = hft.apply(model, trainable)
-    elif cfg.method == "lora":
-        params = add_lora(model, cfg.rank)
-    kw = dict(lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    if cfg.method == "mofo":
-        return params, MoFO(params, alpha=cfg.alpha, filter=cfg.filter, seed=cfg.seed, **kw), trainable
-    return params, torch.optim.AdamW(params, **kw), trainable
-
-def penalty_grad(model, theta0, method, reg):
-    """Add the gradient of λ‖θ−θ0‖₁ (λ·sign Δ) or λ‖θ−θ0‖² (2λ·Δ); the logged loss stays the task's."""
+def add_pull(model, theta0, pull, reg):
+    """Add λ·pull(θ − θ0) to each gradient (the penalty's gradient); the logged loss stays the task's."""
     for name, p in model.named_parameters():
-        if method in ("l1", "l2") and p.grad is not None:
-            delta = p.detach() - theta0[name]
-            p.grad.add_(delta.sign() if method == "l1" else delta, alpha=reg if method == "l1" else 2 * reg)
+        if p.grad is not None:
+            p.grad.add_(pull(p.detach() - theta0[name]), alpha=reg)
+
+def weights(model, names):  # the weights as the forward pass sees them (LoRA's W0 + (α/r)·BA included)
+    return {n: getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names}
+
+def distance(model, theta0):  # ‖θ − θ0‖
+    return torch.cat([(w.detach() - theta0[n]).flatten() for n, w in weights(model, theta0).items()]).norm().item()
 
 # ----------------------------------------------------------------------------------------------
 # Training: one loop for pre-training and fine-tuning, single process or DDP
@@ -279,14 +330,22 @@ def get_lr(it, lr, warmup_iters, max_iters, min_ratio=0.1):  # linear warm-up, c
     t = (it - warmup_iters) / max(1, max_iters - warmup_iters)
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
-def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_clip, ctx,
-          start=0, after_backward=lambda: None, save=None, ckpt_interval=0, log_interval=50, tag="train"):
-    """Iterations start..max_iters-1 on get_batch() -> [(x, y, weight)]; returns (seconds, tokens)."""
+def train(fwd, model, optimizer, get_batch, stage, grad_clip, ctx, start=0, after_backward=None,
+          on_eval=None, eval_every=0, save=None, ckpt_interval=0, log_interval=50, tag="train"):
+    """Iterations start..max_iters-1 on get_batch() -> [(x, y, weight)]; on_eval(it) before the
+    steps it = 0, eval_every, 2·eval_every, ... and after the last. Returns (seconds, tokens), the
+    evaluations' time left out."""
     params = [p for p in model.parameters() if p.requires_grad]
-    t0, tokens, last = time.time(), 0, (time.time(), start)
-    for it in range(start, max_iters):
+    t0, tokens, eval_s, last = time.time(), 0, 0.0, (time.time(), start)
+    for it in range(start, stage.max_iters + 1):
+        if on_eval is not None and (it == stage.max_iters or it % eval_every == 0):
+            t_eval = time.time()
+            on_eval(it)
+            eval_s += time.time() - t_eval
+        if it == stage.max_iters:
+            break
         for group in optimizer.param_groups:
-            group["lr"] = get_lr(it, lr, warmup_iters, max_iters)
+            group["lr"] = get_lr(it, stage.lr, stage.warmup_iters, stage.max_iters)
         loss = 0.0
         for x, y, weight in get_batch():
             with ctx:
@@ -294,20 +353,21 @@ def train(fwd, model, optimizer, get_batch, max_iters, lr, warmup_iters, grad_cl
             tokens += x.numel()
         if not math.isfinite(loss.item()):  # stop before the step touches the weights
             raise FloatingPointError(f"{tag}: loss is {loss.item()} at iter {it}; stopped, the last "
-                                "checkpoint on disk is intact (try a lower --lr)")
+                                     "checkpoint on disk is intact (try a lower --lr)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        after_backward()  # e.g. the L1/L2 penalty's gradient
+        if after_backward is not None:
+            after_backward()  # e.g. the L1/L2 penalty's gradient
         if grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         optimizer.step()
-        if log_interval and (it % log_interval == 0 or it == max_iters - 1):
+        if log_interval and (it % log_interval == 0 or it == stage.max_iters - 1):
             log(f"{tag} iter {it}: loss {loss.item():.4f}, lr {optimizer.param_groups[0]['lr']:.2e}, "
                 f"{1000 * (time.time() - last[0]) / (it + 1 - last[1]):.1f} ms/iter")
             last = (time.time(), it + 1)
-        if save is not None and ckpt_interval and (it + 1) % ckpt_interval == 0 and it + 1 < max_iters:
+        if save is not None and ckpt_interval and (it + 1) % ckpt_interval == 0 and it + 1 < stage.max_iters:
             save(it + 1)
-    return time.time() - t0, tokens
+    return time.time() - t0 - eval_s, tokens
 
 def log(msg):  # rank 0 speaks for all
     if int(os.environ.get("RANK", 0)) == 0:
@@ -336,17 +396,41 @@ def pretrain(cfg, corpus, device, ctx, rank, world):
     model = TinyLlama(model_config(cfg)).to(device)
     groups = [{"params": [p for p in model.parameters() if p.dim() >= 2]},  # no decay on norms, as nanoGPT
               {"params": [p for p in model.parameters() if p.dim() < 2], "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.pretrain_lr, betas=(0.9, 0.95), weight_decay=cfg.pretrain_weight_decay)
+    stage = stage_of(cfg, "pretrain_")
+    optimizer = torch.optim.AdamW(groups, lr=stage.lr, betas=PRETRAIN_BETAS, weight_decay=stage.weight_decay)
     rng = random.Random(f"pretrain/{cfg.data_seed}")
     batch = lambda: [(*(t.to(device) for t in text_windows(
-        corpus.train, cfg.block_size, cfg.pretrain_batch_size, rng, rank, world)), 1.0)]
-    seconds, tokens = train(wrap(model, cfg.compile, world), model, optimizer, batch, cfg.pretrain_iters,
-                            cfg.pretrain_lr, cfg.pretrain_warmup, cfg.grad_clip, ctx,
+        corpus.train, cfg.block_size, stage.batch_size, rng, rank, world)), 1.0)]
+    seconds, tokens = train(wrap(model, cfg.compile, world), model, optimizer, batch, stage, cfg.grad_clip, ctx,
                             log_interval=cfg.log_interval, tag="pretrain")
-    metrics = {**fact_scores(model, corpus, device), "time_s": seconds, "tokens_per_s": tokens * world / seconds,
-               "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device)}
+    metrics = {**fact_scores(model, corpus.probes, device), "time_s": seconds, "tokens_per_s": tokens * world / seconds,
+               "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device),
+               **{f"{t}_acc": task_scores(model, test_problems(t, cfg.data_seed, cfg.eval_problems,
+                                                                corpus.stated), device)[0] for t in TASKS}}
     log(f"pre-trained in {seconds:.0f} s: {json.dumps(metrics)}")
     return {"model": model.state_dict(), "config": asdict(cfg), "metrics": metrics}
+
+PRETRAIN_CODE = (ModelConfig, rotary, Attention, MLP, Block, TinyLlama, get_lr, train, text_windows, pretrain)
+
+# ----------------------------------------------------------------------------------------------
+# Fingerprints: a cached result is served only for the code and data that produced it
+def sha(data):
+    return hashlib.sha256(data).hexdigest()[:12]
+
+def fingerprint():
+    """The files whose text decides a fine-tuning run's numbers, by hash, and the torch version."""
+    here = Path(__file__).resolve().parent
+    return {**{f: sha((here / f).read_bytes()) for f in SOURCES}, "torch": str(torch.__version__)}
+
+FINGERPRINT = fingerprint()  # taken at import: the code this process runs, even if the files change later
+
+def pretrain_fingerprint(corpus):
+    """What a pre-trained checkpoint is made of: the corpus's tokens, the model and the loop."""
+    return {"corpus": sha(corpus.train.numpy().tobytes()), "torch": str(torch.__version__),
+            "code": sha("".join(inspect.getsource(obj) for obj in PRETRAIN_CODE).encode())}
+
+def changed(old, new):  # what differs between two fingerprints, by name
+    return [k for k in new if old.get(k) != new[k]]
 
 # ----------------------------------------------------------------------------------------------
 # One run: pre-train if missing (atomic checkpoints), fine-tune on each task, evaluate, write JSON
@@ -374,22 +458,31 @@ def check_same(saved, cfg, keys, path):
         raise ValueError(f"checkpoint {path} does not match this run: {', '.join(diff)}; "
                          "use another --out_dir or delete it")
 
+def pretrained_path(cfg):  # one checkpoint per pre-training configuration, side by side in out_dir
+    key = sha(json.dumps({k: getattr(cfg, k) for k in PRETRAIN_KEYS}, sort_keys=True).encode())
+    return os.path.join(cfg.out_dir, f"pretrained-{key}.pt")
+
 def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
-    path = os.path.join(cfg.out_dir, "pretrained.pt")
-    if not os.path.exists(path):
-        log(f"no pre-trained checkpoint at {path}: pre-training one ({cfg.pretrain_iters} iters)")
-        ckpt = pretrain(cfg, corpus, device, ctx, rank, world)
-        if rank == 0:
-            save_checkpoint(ckpt, path)
-        if world > 1:
-            dist.barrier()
-    ckpt = read_pretrained(path, os.stat(path).st_mtime_ns)
-    check_same(ckpt["config"], cfg, PRETRAIN_KEYS, path)
+    """The pre-trained checkpoint of cfg's world and model; trained first if missing, and again
+    (saying why) if the corpus or the model/loop code changed since it was trained."""
+    path, want, why = pretrained_path(cfg), pretrain_fingerprint(corpus), "none yet"
+    if os.path.exists(path):
+        ckpt = read_pretrained(path, os.stat(path).st_mtime_ns)
+        stale = changed(ckpt.get("fingerprint", {}), want)
+        if not stale:
+            return ckpt
+        why = f"the {' and the '.join(stale)} changed since it was trained"
+    log(f"pre-trained checkpoint {path}: {why}; pre-training ({cfg.pretrain_max_iters} iters)")
+    ckpt = {**pretrain(cfg, corpus, device, ctx, rank, world), "fingerprint": want}
+    if rank == 0:
+        save_checkpoint(ckpt, path)
+    if world > 1:
+        dist.barrier()
     return ckpt
 
 def check_config(cfg, world=1):
-    ints = ("n_layer", "n_head", "n_embd", "block_size", "n_people", "pretrain_iters", "pretrain_batch_size",
-            "max_iters", "batch_size", "eval_problems", "rank")
+    ints = ("n_layer", "n_head", "n_embd", "block_size", "n_people", "pretrain_max_iters", "pretrain_batch_size",
+            "max_iters", "batch_size", "eval_problems", "rank", "curve_points")
     checks = [
         (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}"),
         (set(cfg.tasks.split(",")) <= set(TASKS), f"--tasks: unknown task in {cfg.tasks!r}, choose from {TASKS}"),
@@ -398,7 +491,9 @@ def check_config(cfg, world=1):
         (0 < cfg.hft_ratio <= 1, f"--hft_ratio must be in (0, 1], got {cfg.hft_ratio}"),
         (cfg.hft_strategy in hft.STRATEGIES, f"--hft_strategy must be in {hft.STRATEGIES}, got {cfg.hft_strategy!r}"),
         (cfg.reg == -1 or cfg.reg >= 0, f"--reg must be >= 0 (or -1 for the default), got {cfg.reg}"),
-        (0 <= cfg.replay < 1 and 0 < cfg.filler < 1, f"--replay must be in [0, 1) and --filler in (0, 1)"),
+        (0 <= cfg.replay < 1 and 0 < cfg.filler < 1, "--replay must be in [0, 1) and --filler in (0, 1)"),
+        (cfg.corpus in ("v1", "v2"), f"--corpus must be v1 or v2, got {cfg.corpus!r}"),
+        (0 <= cfg.arith < 1 and cfg.filler + cfg.arith < 1, f"--arith must be in [0, 1 - filler), got {cfg.arith}"),
         (cfg.lr > 0 and cfg.pretrain_lr > 0, f"--lr and --pretrain_lr must be > 0, got {cfg.lr}, {cfg.pretrain_lr}"),
         (cfg.n_embd % (2 * cfg.n_head) == 0, f"--n_embd must be a multiple of 2·n_head (rotary), got {cfg.n_embd}"),
         (cfg.batch_size % world == 0, f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks"),
@@ -415,21 +510,24 @@ def run(cfg: Config) -> dict:
     rank, world, device = setup_distributed(auto if cfg.device == "auto" else cfg.device)
     check_config(cfg, world)
     ctx = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
-    cfg = replace(cfg, reg=REG_DEFAULT.get(cfg.method, 0.0) if cfg.reg == -1 else cfg.reg)
+    method = METHODS[cfg.method]
+    cfg = replace(cfg, reg=method.reg if cfg.reg == -1 else cfg.reg)
     name, tasks = cfg.run_name or cfg.method, cfg.tasks.split(",")
     ckpt_path = os.path.join(cfg.out_dir, f"{name}.pt")
     log(f"config: {json.dumps(asdict(cfg))}")
-    corpus = build_corpus(cfg.data_seed, cfg.n_people, cfg.filler)
+    corpus = build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
     pre = load_or_pretrain(cfg, corpus, device, ctx, rank, world)
     model = TinyLlama(model_config(cfg)).to(device)
     model.load_state_dict(pre["model"])
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    tests = {t: test_problems(t, cfg.data_seed, cfg.eval_problems) for t in tasks}
+    tests = {t: test_problems(t, cfg.data_seed, cfg.eval_problems, corpus.stated) for t in tasks}
     held_out = {t: {prompt for prompt, _ in tests[t]} for t in tasks}
+    # Along the way: a fixed subset of probes and problems, the same at every point of every run
+    curve_probes = tuple(random.Random("curve").sample(corpus.probes, min(CURVE_PROBES, len(corpus.probes))))
     torch.manual_seed(cfg.seed)
     rng = random.Random(f"finetune/{cfg.seed}")
-    state = {"task": 0, "iter_num": 0, "R": [], "time_s": 0.0, "tokens": 0,
-             "R0": [task_accuracy(model, tests[t], device) for t in tasks]}
+    state = {"task": 0, "iter_num": 0, "R": [], "curve": [], "time_s": 0.0, "tokens": 0,
+             "R0": [task_scores(model, tests[t], device)[0] for t in tasks]}
     resume = None
     if cfg.resume:
         if not os.path.exists(ckpt_path):
@@ -463,36 +561,47 @@ def run(cfg: Config) -> dict:
         x, y = make_rows(*zip(*shard(problems, rank, world)))
         parts = [(x.to(device), y.to(device), 1 - n_replay / cfg.batch_size)]
         if n_replay:
-            x, y = text_windows(corpus.train, cfg.block_size // 2, n_replay, rng, rank, world)
+            x, y = text_windows(corpus.train, cfg.block_size // REPLAY_CONTEXT_DIVISOR, n_replay, rng, rank, world)
             parts.append((x.to(device), y.to(device), n_replay / cfg.batch_size))
         return parts
+
+    def curve_point(stage, it):  # learning and forgetting along the way: one point of the curves
+        point = {"stage": stage, "iter": it, "fact_mc": fact_scores(model, curve_probes, device)["fact_mc"],
+                 "heldout_loss": estimate_loss(model, corpus.heldout, cfg.block_size, device),
+                 "dist_abs": distance(model, theta0)}
+        for t in tasks:
+            point[f"{t}_acc"], point[f"{t}_loss"] = task_scores(model, tests[t][:CURVE_PROBLEMS], device)
+        state["curve"] = state["curve"] + [point]
 
     if resume is not None and resume["iter_num"] == 0:  # saved at a task boundary: merged weights
         resume = restore(None)
     for i in range(state["task"], len(tasks)):
-        params, optimizer, trainable = setup_stage(model, cfg, i)
+        params, trainable = method.params(model, cfg, i)
+        optimizer = method.optimizer(params, cfg)
         if resume is not None:  # saved mid-task: restore after the stage is set up as it was then
             resume = restore(optimizer)
-        seconds, tokens = train(wrap(model, cfg.compile, world), model, optimizer, functools.partial(batch, tasks[i]),
-                                cfg.max_iters, cfg.lr, cfg.warmup_iters, cfg.grad_clip, ctx, start=state["iter_num"],
-                                after_backward=functools.partial(penalty_grad, model, theta0, cfg.method, cfg.reg),
-                                save=functools.partial(save, optimizer, trainable), ckpt_interval=cfg.ckpt_interval,
-                                log_interval=cfg.log_interval, tag=f"{cfg.method} {tasks[i]}")
+        seconds, tokens = train(
+            wrap(model, cfg.compile, world), model, optimizer, functools.partial(batch, tasks[i]), stage_of(cfg),
+            cfg.grad_clip, ctx, start=state["iter_num"],
+            after_backward=method.pull and functools.partial(add_pull, model, theta0, method.pull, cfg.reg),
+            on_eval=functools.partial(curve_point, i), eval_every=max(1, cfg.max_iters // cfg.curve_points),
+            save=functools.partial(save, optimizer, trainable), ckpt_interval=cfg.ckpt_interval,
+            log_interval=cfg.log_interval, tag=f"{cfg.method} {tasks[i]}")
         state["time_s"], state["tokens"] = state["time_s"] + seconds, state["tokens"] + tokens * world
-        merge_lora(model)
-        state["R"] = state["R"] + [[task_accuracy(model, tests[t], device) for t in tasks]]
+        end_stage(model)
+        state["R"] = state["R"] + [[task_scores(model, tests[t], device)[0] for t in tasks]]
         log(f"after {tasks[i]}: " + ", ".join(f"{t} {a:.1%}" for t, a in zip(tasks, state["R"][-1])))
         state["task"] = i + 1
         save(None, trainable, 0)
-    metrics = evaluate(model, theta0, cfg, corpus, pre["metrics"], state, tasks, device)
+    metrics = evaluate(model, theta0, cfg, corpus, pre, state, tasks, device)
     metrics["wall_s"] = time.time() - t_start  # evaluation (and pre-training, if it ran) included
     if rank == 0:
         Path(cfg.out_dir, f"{name}.json").write_text(json.dumps(metrics, indent=1))
         print_table(metrics)
     return metrics
 
-def evaluate(model, theta0, cfg, corpus, before, state, tasks, device):
-    after = fact_scores(model, corpus, device)
+def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
+    before, after = pre["metrics"], fact_scores(model, corpus.probes, device)
     after["heldout_loss"] = estimate_loss(model, corpus.heldout, cfg.block_size, device)
     R, T = state["R"], len(tasks)
     delta = [(p.detach() - theta0[n]).flatten() for n, p in model.named_parameters()]
@@ -502,8 +611,10 @@ def evaluate(model, theta0, cfg, corpus, before, state, tasks, device):
          "BWT": sum(R[-1][j] - R[j][j] for j in range(T - 1)) / (T - 1) if T > 1 else None,
          "fact_chance": after["fact_chance"], "dist_abs": dist_abs, "dist_rel": dist_abs / norm0,
          "frac_changed": sum((d != 0).sum().item() for d in delta) / sum(d.numel() for d in delta),
-         "time_s": state["time_s"], "tokens_per_s": state["tokens"] / max(state["time_s"], 1e-9),
-         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pretrain_time_s": before["time_s"]}
+         "curve": state["curve"], "time_s": state["time_s"],
+         "tokens_per_s": state["tokens"] / max(state["time_s"], 1e-9), "threads": torch.get_num_threads(),
+         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "pretrain_time_s": before["time_s"],
+         "fingerprint": FINGERPRINT, "pretrained_fingerprint": pre["fingerprint"]}
     for k in ("fact_mc", "fact_greedy", "heldout_loss"):  # forgetting: drops in knowledge, rise in loss
         m[f"{k}_before"], m[f"{k}_after"] = before[k], after[k]
     m["forget_mc"], m["forget_greedy"] = (before[k] - after[k] for k in ("fact_mc", "fact_greedy"))

@@ -22,21 +22,28 @@ assert next(r for r in NEG if r["alpha"] == 1.0)["f_growth"] > 1               #
 assert ADAM["grad_norm"].shape == ADAM["dist"].shape and ADAM["grad_norm"].shape[0] == len(ADAM["alphas"])
 assert np.all(np.diff(ADAM["dist"][:, -1]) > 0)   # larger α travels further from θ0
 assert ADAM["moved_fraction"][-1] == 1.0
+assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "02_forgetting.ipynb": """
-assert set(FRONT) == set(sweep.FRONTIER)
-for label, r in FRONT.items():  # every method produced a point at every learning rate
-    assert len(r["mean"]) == len(SWEEPS["frontier"].lrs), label
-    assert all(0 <= x <= 1 and 0 <= y <= 1 for x, y in r["mean"]), label
-    assert set(r["frontier"]) <= set(r["mean"]), label
-    for fx, fy in r["frontier"]:  # no point beats a frontier point in both coordinates
-        assert not any(x >= fx and y >= fy and (x, y) != (fx, fy) for x, y in r["mean"]), label
-assert set(FRONT600) == set(sweep.BUDGET) and all(len(r["mean"]) == len(SWEEPS["budget"].lrs) for r in FRONT600.values())
-assert alpha_xy.shape == (len(sweep.ALPHAS), 2) and alphas == sorted(alphas)
-assert DIST["frac_changed"]["mofo α=0.02"][0] < DIST["frac_changed"]["mofo α=1.0"][0]
-assert set(ABL) == set(sweep.ABLATION)
-for name in ("02_frontier", "02_alpha_sweep", "02_distance_vs_alpha", "02_filter_ablation"):
+assert set(FRONT) == {sweep.family(label) for label in sweep.FRONTIER}
+for fam, r in FRONT.items():  # every seed's envelope is a Pareto front of its runs' curve points
+    assert r["n_runs"] == r["n_configs"] * r["n_seeds"], fam
+    for seed, front in r["fronts"].items():
+        pts = [sweep.xy_of(p) for _, _, c in CURVES[fam][seed] for p in c]
+        assert set(front) <= set(pts), fam
+        for fx, fy in front:
+            assert not any(x >= fx and y >= fy and (x, y) != (fx, fy) for x, y in pts), fam
+    m, s = mean_front(FRONT, fam, GRID)
+    assert np.all((m[~np.isnan(m)] >= 0) & (m[~np.isnan(m)] <= 1)), fam
+for fam, by_seed in CURVES.items():  # every run evaluated at step 0 and along the way, to the budget
+    for runs in by_seed.values():
+        for label, lr, c in runs:
+            assert c[0]["iter"] == 0 and c[-1]["iter"] == STEPS and len(c) == first["config"]["curve_points"] + 1
+assert set(FRONT_LOSS) == set(FRONT) and all(r["fronts"] for r in FRONT_LOSS.values())
+assert set(TRANS) == set(SWEEP.methods) and set(BEST) == set(FRONT)
+for name in ("02_frontier", "02_frontier_loss", "02_curves"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
+assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "03_continual.ipynb": """
 assert set(RUNS) == set(sweep.CONTINUAL)
@@ -46,6 +53,7 @@ for label, m in RUNS.items():  # OP and BWT as defined, from the matrix
     assert np.isclose(OP[label], r[-1].mean()), label
     assert np.isclose(BWT[label], np.mean([r[-1, j] - r[j, j] for j in range(len(TASKS) - 1)])), label
 assert (FIGURES / "03_accuracy_matrices.png").stat().st_size > 0
+assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
 }
 

@@ -1,10 +1,17 @@
 import json
 import os
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 import sweep
+import train_tiny as tt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_frontier_keeps_only_points_nothing_beats():
@@ -28,42 +35,70 @@ def fake_results(s, metrics):
     return {key: metrics(label, lr, seed) for label, lr, seed, key, _ in sweep.configs(s)}
 
 
-def test_summary_means_over_seeds_and_matches_each_seed_frontier():
-    s = sweep.Sweep({"a": dict(method="full"), "b": dict(method="mofo")}, lrs=(1e-3, 2e-3), seeds=(0, 1))
-    acc = {(1e-3, 0): 0.6, (1e-3, 1): 0.8, (2e-3, 0): 1.0, (2e-3, 1): 1.0}
-    kept = {(1e-3, 0): 0.9, (1e-3, 1): 0.7, (2e-3, 0): 0.5, (2e-3, 1): 0.3}
+def curve(*points):  # [(task acc, answer loss, knowledge)] -> a run's curve
+    return [{"iter": 10 * i, "add_acc": a, "add_loss": loss, "fact_mc": k} for i, (a, loss, k) in enumerate(points)]
+
+
+def test_summary_takes_each_seeds_envelope_over_configurations_and_steps():
+    s = sweep.Sweep({"a x=1": dict(method="full"), "a x=2": dict(method="full", alpha=0.2), "b": dict(method="mofo")},
+                    lrs=(1e-3, 2e-3), lr_for={}, seeds=(0, 1))
+    runs = {  # (label, lr, seed) -> curve; "a x=2" lr 2e-3 seed 1 diverged
+        ("a x=1", 1e-3, 0): curve((0.0, 2.0, 1.0), (0.6, 0.5, 0.9)),
+        ("a x=1", 2e-3, 0): curve((0.0, 2.0, 1.0), (1.0, 0.1, 0.5)),
+        ("a x=2", 1e-3, 0): curve((0.0, 2.0, 1.0), (0.3, 1.0, 0.95), (0.7, 0.4, 0.2)),
+        ("a x=2", 2e-3, 0): curve((0.0, 2.0, 1.0), (0.5, 0.8, 0.1)),
+        ("a x=1", 1e-3, 1): curve((0.0, 2.0, 1.0), (0.8, 0.3, 0.7)),
+        ("a x=1", 2e-3, 1): curve((0.0, 2.0, 1.0), (1.0, 0.05, 0.3)),
+        ("a x=2", 1e-3, 1): curve((0.0, 2.0, 1.0), (0.2, 1.5, 0.99)),
+    }
 
     def metrics(label, lr, seed):
-        if label == "b" and lr == 2e-3 and seed == 1:
+        if label == "b" or (label, lr, seed) not in runs:
             return {"diverged": "loss is nan"}
-        return {"task_acc": acc[lr, seed], "fact_mc_after": kept[lr, seed]}
+        return {"curve": runs[label, lr, seed]}
 
     rows = sweep.summary(s, fake_results(s, metrics), at=(0.9,))
+    assert set(rows) == {"a"}  # "b" only diverged: no frontier
     a = rows["a"]
-    assert a["mean"] == [pytest.approx((0.7, 0.8)), pytest.approx((1.0, 0.4))]
-    assert a["std"][1] == pytest.approx((0.0, 0.02 ** 0.5))  # sample std of 0.5 and 0.3
-    # seed 0: frontier (0.6, 0.9)-(1.0, 0.5) gives 0.6 at 90 %; seed 1: (0.8, 0.7)-(1.0, 0.3) gives 0.5
+    assert (a["n_runs"], a["n_configs"], a["n_seeds"]) == (7, 4, 2)
+    # seed 0's envelope over both configurations and every step: (0,1.0) (0.3,0.95) (0.6,0.9) (1.0,0.5)
+    assert a["fronts"][0] == [(0.0, 1.0), (0.3, 0.95), (0.6, 0.9), (1.0, 0.5)]
+    # at 90 %: seed 0 reads 0.9 + (0.5 - 0.9) * 0.75 = 0.6; seed 1: (0.8,0.7)-(1.0,0.3) gives 0.5
     (mean, std), n = a["at"][0.9]
     assert (mean, std, n) == (pytest.approx(0.55), pytest.approx(0.005 ** 0.5), 2)
-    b = rows["b"]  # the diverged run is left out: its lr has one seed, and seed 1 never reaches 90 %
-    assert b["mean"][1] == pytest.approx((1.0, 0.5))
-    assert b["at"][0.9] == (pytest.approx((0.6, 0.0)), 1)
-    assert "(1/2 seeds)" in sweep.table(rows)
+    assert "(4 × 2 = 7)" in sweep.table(rows)
+    # the answer-loss reading: right is lower loss; at a loss of 0.5, seed 0 keeps 0.9
+    by_loss = sweep.summary(s, fake_results(s, metrics), at=(0.5,), x="loss")
+    assert by_loss["a"]["fronts"][0][-1] == (-0.1, 0.5)
+    # seed 0 keeps 0.9 at loss 0.5; seed 1 interpolates between (loss 1.5, 0.99) and (loss 0.3, 0.7)
+    assert by_loss["a"]["at"][0.5][0][0] == pytest.approx((0.9 + 0.99 - 0.29 / 1.2) / 2)
+    trans = sweep.transitions(s, fake_results(s, metrics))
+    assert trans["a x=1"] == {1e-3: {0: 10, 1: 10}, 2e-3: {0: 10, 1: 10}}
+    assert trans["a x=2"] == {1e-3: {0: 20, 1: None}, 2e-3: {0: 10}}  # seed 1 never got to 50 %; one diverged
 
 
-def test_every_run_has_its_own_key_and_the_key_follows_the_config():
+def test_every_method_gets_the_same_number_of_configurations():
     s = sweep.SWEEPS["frontier"]
     runs = sweep.configs(s)
-    assert len(runs) == len(s.methods) * len(s.lrs) * len(s.seeds)
-    assert len({key for *_, key, _ in runs}) == len(runs)
-    longer = sweep.configs(replace(s, base={**s.base, "max_iters": s.base["max_iters"] + 1}))
-    assert not {key for *_, key, _ in runs} & {key for *_, key, _ in longer}
-    lora = [cfg.lr for label, lr, _, _, cfg in runs if label == "lora"]
+    assert len({key for *_, key, _ in runs}) == len(runs)  # every run its own key
+    per_family = {}
+    for label, lr, seed, *_ in runs:
+        if seed == 0:
+            per_family.setdefault(sweep.family(label), set()).add((label, lr))
+    counts = {fam: len(c) for fam, c in per_family.items()}
+    assert counts.pop("replay") == 1  # the reference line, not a competitor
+    assert set(counts) == {"full", "mofo", "hft", "l1", "l2", "lora"}
+    assert set(counts.values()) == {len(s.lrs) * 2} == {len(sweep.FULL_LRS)}  # 2 knob values x the rates
+    assert [r[2] for r in runs] == sorted(r[2] for r in runs)  # seed by seed: a cut-short sweep has whole seeds
+    lora = [cfg.lr for label, lr, _, _, cfg in runs if sweep.family(label) == "lora"]
     assert min(lora) == 4 * min(s.lrs)  # LoRA's grid is the others' times four
+    longer = sweep.configs(replace(s, base={**s.base, "max_iters": 7}))
+    assert not {key for *_, key, _ in runs} & {key for *_, key, _ in longer}  # the key follows the config
 
 
 def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
-    s = replace(sweep.smoke(sweep.SWEEPS["frontier"]), methods={k: sweep.FRONTIER[k] for k in ("full", "mofo α=0.1")})
+    s = replace(sweep.smoke(sweep.SWEEPS["frontier"]), methods={k: sweep.FRONTIER[k] for k in ("full", "mofo alpha=0.1")},
+                lrs=(1e-3, 2e-3))
     out = str(tmp_path)
     results, computed = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
     runs = sweep.configs(s, out)
@@ -71,7 +106,7 @@ def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
     for *_, key, cfg in runs:
         m = results[key]
         assert m["config"]["lr"] == cfg.lr and m["config"]["seed"] == cfg.seed and m["method"] == cfg.method
-        assert 0 <= m["task_acc"] <= 1 and 0 <= m["fact_mc_after"] <= 1
+        assert m["fingerprint"] == tt.FINGERPRINT and len(m["curve"]) == cfg.curve_points + 1
         assert not os.path.exists(os.path.join(out, cfg.run_name + ".pt"))  # weights not kept, JSON is
 
     again, computed = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
@@ -85,16 +120,86 @@ def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
     resumed, computed = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
     assert computed == 2
     for k in (k1, k2):
-        assert resumed[k]["task_acc"] == results[k]["task_acc"]
-        assert resumed[k]["dist_abs"] == results[k]["dist_abs"]
+        assert resumed[k]["task_acc"] == results[k]["task_acc"] and resumed[k]["curve"] == results[k]["curve"]
+
+    # a run stamped by other code is stale: recomputed, and the sweep says which file changed
+    m = json.loads(open(path).read())
+    open(path, "w").write(json.dumps({**m, "fingerprint": {**m["fingerprint"], "mofo.py": "0" * 12}}))
+    said = []
+    _, computed = sweep.run_sweep(s, out, workers=1, echo=said.append)
+    assert computed == 1 and "mofo.py changed since these results: recomputing 1 runs" in said[0]
+
+
+def test_revalidate_restamps_only_when_the_reruns_reproduce(tmp_path, monkeypatch):
+    s = replace(sweep.smoke(sweep.SWEEPS["frontier"]), lrs=(2e-3,),
+                methods={k: sweep.FRONTIER[k] for k in ("full", "hft hft_ratio=0.5")})
+    out = str(tmp_path)
+    results, _ = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
+    runs = sweep.configs(s, out)
+
+    def stamp_old():
+        for *_, cfg in runs:
+            p = os.path.join(out, cfg.run_name + ".json")
+            m = json.loads(open(p).read())
+            open(p, "w").write(json.dumps({**m, "fingerprint": {**tt.FINGERPRINT, "hft.py": "old"}}))
+
+    stamp_old()
+    real = tt.run
+    monkeypatch.setattr(tt, "run", lambda cfg: {**real(cfg), "task_acc": -1.0})  # "the change moved a number"
+    said = []
+    assert sweep.revalidate(s, out, workers=1, echo=said.append) is False
+    assert any("differs in task_acc" in line for line in said)
+    assert sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)[1] == 2  # still stale: recomputed
+
+    stamp_old()
+    monkeypatch.setattr(tt, "run", real)
+    said = []
+    assert sweep.revalidate(s, out, workers=1, echo=said.append) is True
+    assert said[-1] == "re-stamped 2 runs with the new fingerprint"
+    again, computed = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
+    assert computed == 0 and all(again[k]["task_acc"] == results[k]["task_acc"] for k in results)
+
+
+def test_editing_one_line_of_mofo_recomputes_every_run(tmp_path):
+    """A reader's loop: change mofo.py in a copy, run the sweep again: every run is recomputed."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for f in (*tt.SOURCES, "sweep.py"):
+        shutil.copy(ROOT / f, repo / f)
+    argv = [sys.executable, "sweep.py", "--preset", "smoke", "--sweep", "ablation", "--workers", "2",
+            "--out_dir", str(tmp_path / "out")]
+    first = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "(4 computed)" in first.stdout
+    with open(repo / "mofo.py", "a") as f:
+        f.write("# a reader's edit\n")
+    second = subprocess.run(argv, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "mofo.py changed since these results: recomputing 4 runs" in second.stdout
+    assert "(4 computed)" in second.stdout
+
+
+def test_export_and_load_say_when_the_code_changed(tmp_path):
+    results = {"k": {"fingerprint": tt.FINGERPRINT, "task_acc": 0.5}}
+    path = sweep.export("x", results, tmp_path / "x.json")
+    said = []
+    assert sweep.load("x", path, echo=said.append) == results and not said
+    saved = json.loads(path.read_text())
+    saved["fingerprint"]["data.py"] = "old"
+    path.write_text(json.dumps(saved))
+    assert sweep.load("x", path, echo=said.append) == results
+    assert said and said[0].startswith("WARNING: data.py changed since")
+    with pytest.raises(ValueError, match="2 versions of the code"):
+        sweep.export("x", {**results, "j": {"fingerprint": {"other": 1}}}, tmp_path / "y.json")
 
 
 def test_cli_smoke_with_two_workers_prints_the_frontier_table(tmp_path, capsys):
     assert sweep.main(["--preset", "smoke", "--workers", "2", "--out_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "(20 computed)" in out
-    for label in sweep.FRONTIER:
-        assert f"| {label} |" in out
+    n = len(sweep.FRONTIER)  # one rate, one seed
+    assert f"({n} computed)" in out
+    for fam in {sweep.family(label) for label in sweep.FRONTIER}:
+        assert f"| {fam} (" in out
     assert sweep.main(["--preset", "smoke", "--out_dir", str(tmp_path)]) == 0
     assert "(0 computed)" in capsys.readouterr().out
 
