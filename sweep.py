@@ -6,7 +6,7 @@
     python sweep.py --sweep continual  # four tasks in a row, every method: accuracy matrix, OP, BWT
     python sweep.py --preset smoke     # a sweep's whole pipeline on a toy model, in seconds (CI)
     python sweep.py --revalidate       # after a code change: re-run a few cached runs, re-stamp if equal
-    python sweep.py --export           # write results/<sweep>.json, the committed copy the notebooks draw
+    python sweep.py --export           # results/<sweep>.json from the cache: what the notebooks draw
 
 Why a sweep: the learning rate decides how much any method forgets, and a method tuned over more
 configurations looks better by selection alone. So each method gets the same number of
@@ -80,8 +80,8 @@ SWEEPS = {"frontier": Sweep(FRONTIER),
 SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed
-    return replace(sweep, lrs=sweep.lrs[-1:], lr_for={}, seeds=sweep.seeds[:1], base={**SMOKE, **{
-        k: v for k, v in sweep.base.items() if k not in QUIET}})
+    return replace(sweep, lrs=sweep.lrs[-1:], lr_for={}, seeds=sweep.seeds[:1], base={
+        **{k: v for k, v in sweep.base.items() if k not in SMOKE}, **SMOKE})  # e.g. corpus="v1" stays
 
 def family(label):  # "mofo alpha=0.1" -> "mofo": the frontier is drawn per family
     return label.split(" ")[0]
@@ -225,6 +225,14 @@ def export(name, results, path=None):
                                separators=(",", ":")))
     return path
 
+def complete(sweep, out_dir=None):
+    """(the sweep cut to its finished seeds, their cached runs): the seeds of which every run is
+    cached and follows the code in front of us. Computes nothing."""
+    runs = configs(sweep, out_dir)
+    got = {key: m for *_, key, cfg in runs if (m := cached(cfg)) is not None and not stale(m, tt.FINGERPRINT)}
+    seeds = tuple(s for s in sweep.seeds if all(r[3] in got for r in runs if r[2] == s))
+    return replace(sweep, seeds=seeds), {r[3]: got[r[3]] for r in runs if r[2] in seeds}
+
 def load(name, path=None, echo=print):
     """The committed results of a sweep; says loudly when the code in front of us is not the code
     that produced them."""
@@ -339,13 +347,22 @@ def main(argv=None):
                                                    "(default: out, out/smoke)")
     p.add_argument("--revalidate", action="store_true", help="re-run one stale run per method; if all "
                    "reproduce exactly, re-stamp the cache with the new code's fingerprint")
-    p.add_argument("--export", action="store_true", help="write results/<sweep>.json for the notebooks")
+    p.add_argument("--export", action="store_true", help="write results/<sweep>.json for the notebooks from "
+                   "the cache (its finished seeds; computes nothing)")
     args = p.parse_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     sweep = smoke(SWEEPS[args.sweep]) if args.preset else SWEEPS[args.sweep]
     if args.revalidate:
         return 0 if revalidate(sweep, args.out_dir, workers=args.workers) else 1
+    if args.export:  # what the cache holds of whole seeds; a cut-short sweep exports its finished seeds
+        done, results = complete(sweep, args.out_dir)
+        if not results:
+            p.error(f"no finished seed of the {args.sweep} sweep in the cache: run `python sweep.py --sweep {args.sweep}` first")
+        print(f"{args.sweep}: seeds {list(done.seeds)} of {list(sweep.seeds)} finished, {len(results)} runs\n")
+        print(table(summary(done, results, args.out_dir)) if "," not in sweep_tasks(sweep) else continual_table(done, results))
+        print(f"\nwrote {export(args.sweep + ('_smoke' if args.preset else ''), results)}")
+        return 0
     t0 = time.time()
     results, computed = run_sweep(sweep, args.out_dir, args.workers)
     first = next(m for m in results.values() if "diverged" not in m)
@@ -356,8 +373,6 @@ def main(argv=None):
         print(continual_table(sweep, results, args.out_dir))
     else:
         print(table(summary(sweep, results, args.out_dir)))
-    if args.export:
-        print(f"\nwrote {export(args.sweep + ('_smoke' if args.preset else ''), results)}")
     return 0
 
 if __name__ == "__main__":

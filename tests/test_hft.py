@@ -411,18 +411,43 @@ def test_new_stage_unfreezes_and_reselects():
     assert [n for n, p in model.named_parameters() if p.requires_grad] == [n for n, _ in model.named_parameters() if n in sel1]
 
 
-def test_selection_survives_checkpoint_round_trip():
-    model = Llama(n_layer=4)
-    sel = hft.select(model, seed=5, stage=2)
+def test_interrupted_hft_training_resumes_bitwise_from_its_checkpoint():
+    """Train 3 AdamW steps on the HFT half, checkpoint (weights, optimizer, selection), resume on a
+    fresh model from the checkpoint alone, 3 more steps: bitwise the 6 uninterrupted steps."""
+    def steps(model, opt, start, n):
+        for i in range(start, start + n):
+            gen = torch.Generator().manual_seed(i)
+            idx = torch.randint(11, (4, 6), generator=gen)
+            opt.zero_grad()
+            model(idx, torch.roll(idx, -1, 1)).backward()
+            opt.step()
+
+    def fresh():
+        torch.manual_seed(0)
+        return Llama(n_layer=4)
+
+    whole = fresh()
+    opt = torch.optim.AdamW(hft.apply(whole, hft.select(whole, seed=5, stage=2)), lr=1e-2)
+    steps(whole, opt, 0, 6)
+
+    cut = fresh()
+    sel = hft.select(cut, seed=5, stage=2)
+    opt = torch.optim.AdamW(hft.apply(cut, sel), lr=1e-2)
+    steps(cut, opt, 0, 3)
     buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "hft": {"seed": 5, "stage": 2, "trainable": sel}}, buf)
+    torch.save({"model": cut.state_dict(), "optimizer": opt.state_dict(), "hft": sel}, buf)
     buf.seek(0)
     ckpt = torch.load(buf, weights_only=True)
-    assert ckpt["hft"]["trainable"] == sel
-    resumed = Llama(n_layer=4)
+    resumed = Llama(n_layer=4)  # another init: everything must come from the checkpoint
     resumed.load_state_dict(ckpt["model"])
-    hft.apply(resumed, ckpt["hft"]["trainable"])
-    assert {n for n, p in resumed.named_parameters() if p.requires_grad} == set(sel)
+    opt = torch.optim.AdamW(hft.apply(resumed, ckpt["hft"]), lr=1e-2)
+    opt.load_state_dict(ckpt["optimizer"])
+    steps(resumed, opt, 3, 3)
+    for (name, p), q in zip(whole.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    theta = fresh().state_dict()
+    assert any(not torch.equal(p, theta[n]) for n, p in resumed.named_parameters() if n in sel)  # it trained
+    assert all(torch.equal(p, theta[n]) for n, p in resumed.named_parameters() if n not in sel)  # frozen half
 
 
 # ---- the ablation strategies -------------------------------------------------------------------

@@ -111,6 +111,8 @@ def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
 
     again, computed = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
     assert computed == 0 and again == results
+    done, finished = sweep.complete(replace(s, seeds=(0, 1)), out)  # seed 1 never ran: only seed 0 exports
+    assert done.seeds == (0,) and finished == results
 
     # an interrupted sweep: one JSON missing, one half-written; only those two run again, identically
     (_, _, _, k1, c1), (_, _, _, k2, c2) = runs[0], runs[3]
