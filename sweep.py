@@ -245,14 +245,18 @@ def load(name, path=None, echo=print):
 
 # ----------------------------------------------------------------------------------------------
 # Frontiers: upper-right envelopes over configurations and steps, read at a matched task accuracy
+def trained(sweep, results, out_dir=None):
+    """(label, lr, seed, metrics) of every run in `results` that trained: not diverged, not missing."""
+    for label, lr, seed, key, _ in configs(sweep, out_dir):
+        if key in results and "diverged" not in results[key]:
+            yield label, lr, seed, results[key]
+
 def curves(sweep, results, out_dir=None):
     """{family: {seed: [(label, lr, curve)]}}: each run's evaluations along training, diverged runs
     left out. A curve is [{iter, <task>_acc, <task>_loss, fact_mc, heldout_loss, dist_abs}]."""
     out = {}
-    for label, lr, seed, key, _ in configs(sweep, out_dir):
-        m = results.get(key, {"diverged": "not run (yet)"})
-        if "diverged" not in m:
-            out.setdefault(family(label), {}).setdefault(seed, []).append((label, lr, m["curve"]))
+    for label, lr, seed, m in trained(sweep, results, out_dir):
+        out.setdefault(family(label), {}).setdefault(seed, []).append((label, lr, m["curve"]))
     return out
 
 def frontier(xy):
@@ -304,11 +308,9 @@ def summary(sweep, results, out_dir=None, at=(0.5, 0.8, 0.9), x="acc"):
 def transitions(sweep, results, out_dir=None, level=0.5, task="add"):
     """{label: {lr: {seed: the first evaluated step at which task accuracy >= level (None: never)}}}."""
     out = {}
-    for label, lr, seed, key, _ in configs(sweep, out_dir):
-        m = results.get(key, {"diverged": "not run (yet)"})
-        if "diverged" not in m:
-            out.setdefault(label, {}).setdefault(lr, {})[seed] = next(
-                (p["iter"] for p in m["curve"] if p[f"{task}_acc"] >= level), None)
+    for label, lr, seed, m in trained(sweep, results, out_dir):
+        out.setdefault(label, {}).setdefault(lr, {})[seed] = next(
+            (p["iter"] for p in m["curve"] if p[f"{task}_acc"] >= level), None)
     return out
 
 def table(rows, x="acc"):
