@@ -124,6 +124,17 @@ def sample_problem(task, rng):  # -> (prompt, answer); the answer ends with "." 
     w, c = "".join(rng.choices("abcd", k=rng.randint(4, 6))), rng.choice("abcd")  # count
     return f"cnt {c}:{w}=", f"{w.count(c)}."
 
+def train_problems(tasks, i, n, rng, held_out, n_old=0):
+    """n training problems of tasks[i], never a held-out test prompt; the first n_old are drawn from
+    the earlier tasks tasks[:i] (replay of earlier tasks' data, fresh draws of their problems)."""
+    problems = []
+    while len(problems) < n:
+        task = tasks[rng.randrange(i)] if len(problems) < n_old and i > 0 else tasks[i]
+        prompt, answer = sample_problem(task, rng)
+        if prompt not in held_out[task]:
+            problems.append((prompt, answer))
+    return problems
+
 @functools.lru_cache(maxsize=16)
 def test_problems(task, seed, n, exclude=frozenset()):
     """n distinct held-out problems (training never draws them), none whose prompt is in exclude:

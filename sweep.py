@@ -58,9 +58,24 @@ LRS = (1e-3, 2e-3)  # the knob methods' rates: their own knob already trades lea
 FULL_LRS = tuple(5e-4 * 4 ** (k / 3) for k in range(4))  # 5e-4 ... 2e-3, a factor 1.59 apart: 4 rates
 ABLATION = {f"mofo α=0.1 {f}": dict(method="mofo", alpha=0.1, filter=f)
             for f in ("momentum", "gradient", "update", "random")}
-CONTINUAL = {"full": dict(method="full"), "mofo alpha=0.1": dict(method="mofo", alpha=0.1),
-             "hft": dict(method="hft"), "l1": dict(method="l1"), "l2": dict(method="l2"),
-             "lora": dict(method="lora"), "replay 25%": dict(method="full", replay=0.25)}
+CONTINUAL = {  # add -> reverse -> sort -> count; L1 and LoRA left out (below L2 and full on the frontier)
+    "full": dict(method="full"),
+    **knob("mofo", "mofo", "alpha", (0.05,)),                     # the paper's α for continual tuning
+    "hft": dict(method="hft"),                                     # half of each block, re-drawn per task
+    **knob("l2", "l2", "reg", (1e-2,)),
+    "task-replay 10%": dict(method="full", task_replay=0.1),      # the positive control: earlier tasks' data
+    "mofo+task-replay 10%": dict(method="mofo", alpha=0.05, task_replay=0.1),  # the paper's MoFO + replay
+}
+LATER_FLAGS = {"task_replay": 0.0}  # flags added after runs were cached: left out of the key at this value,
+                                    # so that a run's key (and its cached result) stays the same
+SIZES = {  # width (head size 32 throughout, same depth): each pre-trained to >= 95% of the facts
+    64: dict(n_embd=64, n_head=2, pretrain_max_iters=5000),  # the small model learns the facts slowly
+    128: dict(n_embd=128, n_head=4),  # train_tiny's default model: its runs are the frontier sweep's
+    192: dict(n_embd=192, n_head=6, pretrain_max_iters=1800, pretrain_lr=2e-3),
+}
+SCALE = {"full": dict(method="full"),  # each family at its best knob on the 128-wide frontier
+         **knob("mofo", "mofo", "alpha", (0.05,)), **knob("hft", "hft", "hft_ratio", (0.25,)),
+         **knob("l2", "l2", "reg", (1e-2,))}
 QUIET = dict(log_interval=10**9, ckpt_interval=0)  # sweeps keep each run's JSON, not its checkpoints
 
 @dataclass
@@ -76,7 +91,9 @@ SWEEPS = {"frontier": Sweep(FRONTIER),
           "v1": Sweep(FRONTIER, base=dict(QUIET, corpus="v1")),  # what changed with the corpus
           "ablation": Sweep(ABLATION),
           "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
-                             lrs=(1e-3,), lr_for={}, seeds=(0,), base=dict(QUIET, max_iters=400))}
+                             lr_for={}, base=dict(QUIET, max_iters=400, curve_points=1, eval_problems=200))}
+SWEEPS.update({f"scale{w}": Sweep(SCALE, lr_for={"full": FULL_LRS[::2]}, base=dict(QUIET, **flags))
+               for w, flags in SIZES.items()})  # 2 rates each: 1e-3, 2e-3 (full: 5e-4, 1.26e-3)
 SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed
@@ -98,7 +115,8 @@ def configs(sweep, out_dir=None):
                 cfg = tt.Config(**{**sweep.base, **flags, "seed": seed,
                                    "lr": lr * sweep.lr_scale.get(flags["method"], 1.0)})
                 cfg = replace(cfg, out_dir=out_dir or cfg.out_dir)
-                what = {k: v for k, v in asdict(cfg).items() if k not in tt.RUNTIME_KEYS + ("out_dir", "run_name")}
+                what = {k: v for k, v in asdict(cfg).items() if k not in tt.RUNTIME_KEYS + ("out_dir", "run_name")
+                        and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
                 digest = hashlib.sha1(json.dumps(what, sort_keys=True).encode()).hexdigest()[:10]
                 key = f"{cfg.method}_lr{cfg.lr:.2e}_s{seed}_{digest}"  # labels may share a run
                 runs.append((label, lr, seed, key, replace(cfg, run_name=f"sweep/{key}")))
@@ -328,12 +346,25 @@ def table(rows, x="acc"):
         lines.append(f"| {fam} ({r['n_configs']} × {r['n_seeds']} = {r['n_runs']}) | {best} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
+def continual_summary(sweep, results, out_dir=None):
+    """{(label, lr): {OP, BWT, facts: (mean, std) over seeds, R: the mean accuracy matrix, n_seeds}}
+    of a continual sweep (diverged runs left out)."""
+    runs = {}
+    for label, lr, seed, m in trained(sweep, results, out_dir):
+        runs.setdefault((label, lr), []).append(m)
+    return {k: {"OP": mean_std([m["OP"] for m in ms]), "BWT": mean_std([m["BWT"] for m in ms]),
+                "facts": mean_std([m["fact_mc_after"] for m in ms]), "n_seeds": len(ms),
+                "R": torch.tensor([m["R"] for m in ms], dtype=torch.float64).mean(0).tolist()}
+            for k, ms in runs.items()}
+
 def continual_table(sweep, results, out_dir=None):
-    lines = ["| method | lr | seed | OP | BWT | last row of R (" + sweep_tasks(sweep) + ") |", "|---" * 6 + "|"]
-    for label, lr, seed, key, cfg in configs(sweep, out_dir):
-        m = results[key]
-        lines.append(f"| {label} | {cfg.lr:.1e} | {seed} | " + ("diverged | | |" if "diverged" in m else
-                     f"{m['OP']:.1%} | {m['BWT']:+.1%} | " + ", ".join(f"{a:.0%}" for a in m["R"][-1]) + " |"))
+    tasks = sweep_tasks(sweep).split(",")
+    lines = [f"| method | lr | seeds | OP | BWT | facts kept (MC) | last row of R ({', '.join(tasks)}) |",
+             "|---" * 7 + "|"]
+    for (label, lr), r in continual_summary(sweep, results, out_dir).items():
+        ms = lambda v: f"{v[0]:.1%} ± {v[1]:.1%}"
+        lines.append(f"| {label} | {lr:g} | {r['n_seeds']} | {ms(r['OP'])} | {ms(r['BWT'])} | {ms(r['facts'])} | "
+                     + ", ".join(f"{a:.0%}" for a in r["R"][-1]) + " |")
     return "\n".join(lines)
 
 def sweep_tasks(sweep):

@@ -41,8 +41,8 @@ from torch.nn.utils import parametrize
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import hft
-from data import (ARITH, ATTRIBUTES, TASKS, VOCAB, build_corpus, make_rows, sample_problem, shard,
-                  test_problems, text_windows)
+from data import (ARITH, ATTRIBUTES, TASKS, VOCAB, build_corpus, make_rows, shard,
+                  test_problems, text_windows, train_problems)
 from mofo import FILTERS, MoFO
 
 def opt(default, help):  # a config field with its one-line "why", shown by --help
@@ -87,6 +87,7 @@ class Config:
     reg: float = opt(-1.0, "L1/L2: penalty strength λ (-1: the method's default, l1 1e-4, l2 1e-2)")
     rank: int = opt(8, "LoRA: rank r of BA (scale LORA_ALPHA/r)")
     replay: float = opt(0.0, "fraction of each batch that is pre-training text, in [0, 1)")
+    task_replay: float = opt(0.0, "continual: fraction of each batch that is earlier tasks' problems")
     eval_problems: int = opt(500, "held-out test problems per task, scored at the end")
     curve_points: int = opt(8, "evaluations along each task, besides step 0 (a subset of probes)")
 
@@ -492,6 +493,7 @@ def check_config(cfg, world=1):
         (cfg.hft_strategy in hft.STRATEGIES, f"--hft_strategy must be in {hft.STRATEGIES}, got {cfg.hft_strategy!r}"),
         (cfg.reg == -1 or cfg.reg >= 0, f"--reg must be >= 0 (or -1 for the default), got {cfg.reg}"),
         (0 <= cfg.replay < 1 and 0 < cfg.filler < 1, "--replay must be in [0, 1) and --filler in (0, 1)"),
+        (0 <= cfg.task_replay and cfg.replay + cfg.task_replay < 1, "--task_replay must be >= 0, with replay < 1"),
         (cfg.corpus in ("v1", "v2"), f"--corpus must be v1 or v2, got {cfg.corpus!r}"),
         (0 <= cfg.arith < 1 and cfg.filler + cfg.arith < 1, f"--arith must be in [0, 1 - filler), got {cfg.arith}"),
         (cfg.lr > 0 and cfg.pretrain_lr > 0, f"--lr and --pretrain_lr must be > 0, got {cfg.lr}, {cfg.pretrain_lr}"),
@@ -552,12 +554,10 @@ def run(cfg: Config) -> dict:
                              "hft": trainable, "config": asdict(cfg), **state,
                              "rng": {"torch": torch.get_rng_state(), "data": rng.getstate()}}, ckpt_path)
 
-    def batch(task):  # the global batch, drawn alike on every rank; this rank keeps its shard
-        n_replay, problems = round(cfg.replay * cfg.batch_size), []
-        while len(problems) < cfg.batch_size - n_replay:
-            prompt, answer = sample_problem(task, rng)
-            if prompt not in held_out[task]:  # test problems are never trained on
-                problems.append((prompt, answer))
+    def batch(i):  # the global batch, drawn alike on every rank; this rank keeps its shard
+        n_replay = round(cfg.replay * cfg.batch_size)
+        problems = train_problems(tasks, i, cfg.batch_size - n_replay, rng, held_out,
+                                  round(cfg.task_replay * cfg.batch_size))
         x, y = make_rows(*zip(*shard(problems, rank, world)))
         parts = [(x.to(device), y.to(device), 1 - n_replay / cfg.batch_size)]
         if n_replay:
@@ -581,7 +581,7 @@ def run(cfg: Config) -> dict:
         if resume is not None:  # saved mid-task: restore after the stage is set up as it was then
             resume = restore(optimizer)
         seconds, tokens = train(
-            wrap(model, cfg.compile, world), model, optimizer, functools.partial(batch, tasks[i]), stage_of(cfg),
+            wrap(model, cfg.compile, world), model, optimizer, functools.partial(batch, i), stage_of(cfg),
             cfg.grad_clip, ctx, start=state["iter_num"],
             after_backward=method.pull and functools.partial(add_pull, model, theta0, method.pull, cfg.reg),
             on_eval=functools.partial(curve_point, i), eval_every=max(1, cfg.max_iters // cfg.curve_points),

@@ -117,3 +117,28 @@ def test_bad_arguments_raise():
     for kw in (dict(version="v3"), dict(arith=-0.1), dict(filler=0.5, arith=0.5), dict(filler=0.0)):
         with pytest.raises(ValueError, match="build_corpus"):
             data.build_corpus(0, 10, **{"filler": 0.1, **kw})
+
+
+def task_of(prompt):  # which task a prompt belongs to, from its format alone
+    return "add" if "+" in prompt else {"rev": "reverse", "sort": "sort", "cnt": "count"}[prompt.split(" ")[0]]
+
+
+def test_train_problems_replay_earlier_tasks_first_and_never_a_test_prompt():
+    tasks, held_out = ("add", "reverse", "sort"), {t: set() for t in ("add", "reverse", "sort")}
+    held_out["add"] = {p for p, _ in data.test_problems("add", 0, 500)}
+    rows = data.train_problems(tasks, 2, 64, random.Random(0), held_out, n_old=16)
+    kinds = [task_of(p) for p, _ in rows]
+    assert len(rows) == 64 and set(kinds[16:]) == {"sort"}
+    assert set(kinds[:16]) == {"add", "reverse"}  # both earlier tasks, nothing of the current one
+    many = data.train_problems(tasks, 1, 4000, random.Random(1), held_out, n_old=4000)
+    assert {task_of(p) for p, _ in many} == {"add"} and not {p for p, _ in many} & held_out["add"]
+
+
+def test_train_problems_without_replay_draw_as_a_single_task_does():
+    # the first task, or n_old = 0, draws exactly the single-task stream: cached runs stay valid
+    held_out = {"add": set(), "reverse": set()}
+    plain_rng, rng = random.Random(3), random.Random(3)
+    plain = [data.sample_problem("add", plain_rng) for _ in range(32)]
+    assert data.train_problems(("add", "reverse"), 0, 32, rng, held_out, n_old=8) == plain
+    plain = [data.sample_problem("reverse", plain_rng) for _ in range(32)]
+    assert data.train_problems(("add", "reverse"), 1, 32, rng, held_out) == plain

@@ -46,13 +46,37 @@ for name in ("02_frontier", "02_frontier_loss", "02_curves"):
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "03_continual.ipynb": """
-assert set(RUNS) == set(sweep.CONTINUAL)
-for label, m in RUNS.items():  # OP and BWT as defined, from the matrix
-    r = R[label]
+assert {label for label, _ in SUMMARY} == set(sweep.CONTINUAL)
+for label, lr, seed, m in sweep.trained(SWEEP, RESULTS):  # OP and BWT as defined, from each run's matrix
+    r = np.array(m["R"])
     assert r.shape == (len(TASKS), len(TASKS)), label
-    assert np.isclose(OP[label], r[-1].mean()), label
-    assert np.isclose(BWT[label], np.mean([r[-1, j] - r[j, j] for j in range(len(TASKS) - 1)])), label
-assert (FIGURES / "03_accuracy_matrices.png").stat().st_size > 0
+    assert np.isclose(m["OP"], r[-1].mean()), label
+    assert np.isclose(m["BWT"], np.mean([r[-1, j] - r[j, j] for j in range(len(TASKS) - 1)])), label
+for (label, lr), row in SUMMARY.items():  # the table's means are the runs' means
+    ops = [m["OP"] for l, r_, s, m in sweep.trained(SWEEP, RESULTS) if (l, r_) == (label, lr)]
+    assert np.isclose(row["OP"][0], np.mean(ops)) and row["n_seeds"] == len(ops), label
+for (fam, y), front in FRONTS.items():  # every front point is a configuration's mean, none dominated
+    pts = [(r["OP"][0], r[y][0]) for (label, _), r in SUMMARY.items() if sweep.family(label) == fam]
+    assert set(front) <= set(pts) and front, fam
+assert set(R) == set(sweep.CONTINUAL)
+for name in ("03_op_bwt", "03_accuracy_matrices"):
+    assert (FIGURES / f"{name}.png").stat().st_size > 0
+assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
+""",
+    "04_scale.ipynb": """
+assert len(set(PARAMS.values())) == 3 and list(PARAMS.values()) == sorted(PARAMS.values())  # three sizes, growing
+assert set(FAMILIES) == {sweep.family(label) for label in sweep.SCALE}
+for (fam, a), pts in SCALE.items():  # the plotted means are the summary's, at the model's parameter count
+    for w in SWEEPS:
+        ms = FRONT[w][fam]["at"][a][0]
+        assert (ms is None) == all(p[0] != PARAMS[w] for p in pts), (fam, a, w)
+assert FIT and all((fam, "all") in FIT for fam, _ in FIT)  # a line per method and size, and pooled
+for (fam, w), (slope, icpt, r, n) in FIT.items():
+    assert n > 2 and np.isfinite(slope) and -1 <= r <= 1, (fam, w)
+for fam in {f for f, _ in FIT}:  # the pooled fit has every size's points
+    assert sum(FIT[f, w][3] for f, w in FIT if f == fam and w != "all") == FIT[fam, "all"][3], fam
+for name in ("04_scale", "04_loss_vs_forgetting"):
+    assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
 }
