@@ -322,7 +322,10 @@ def filter_fast_(filter, grad, exp_avg, denom, k, generator, out, scratch, shard
         torch.mul(exp_avg, mask.view(exp_avg.shape), out=out)
         return k
     score = filter_score(filter, grad, exp_avg, denom, out=out)
-    tau, count = topk_threshold(score, k, scratch) if shard is None else global_threshold(score, k, scratch, *shard)
+    if shard is None:
+        tau, count = topk_threshold(score, k, scratch)
+    else:
+        tau, count = global_threshold(score, k, shard[0], shard[2], scratch)
     if filter == "momentum" and out.device.type == "cpu":
         # |m| >= tau is |m| > (the float just below tau), as no float lies between them:
         # hardshrink keeps exactly those entries (ties at tau too) and zeroes the rest in one pass
@@ -362,7 +365,7 @@ def shard_of(p):
     return p.device_mesh.get_group(dims[0]), start, p.numel()
 
 
-def global_threshold(score, k, scratch, group, start, n):
+def global_threshold(score, k, group, n, scratch=None):
     """topk_threshold of a tensor of n entries split over the ranks of `group`, this rank holding
     `score` (any part, maybe empty): the same tau and count on every rank. Exact for the same
     reason as topk_threshold: every rank compares its part with the same [lo, hi] (from one sample
@@ -371,6 +374,8 @@ def global_threshold(score, k, scratch, group, start, n):
     sees the same totals, so all see a miss alike and widen [lo, hi] to everything: the whole
     tensor is gathered, as it is from the start for tensors that topk_threshold selects directly."""
     s, inf = score.reshape(-1), score.new_tensor(math.inf)
+    if scratch is None:
+        scratch = torch.empty(2 * s.numel(), dtype=torch.int8, device=s.device)
     lo, hi = -inf, inf
     if n > 4 * SAMPLE_SIZE:  # with the whole tensor's stride: about SAMPLE_SIZE samples in all
         lo, hi = bracket(s, k, n, gather=lambda sample: all_gather_cat(sample, 0, group)[0])

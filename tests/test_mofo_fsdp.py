@@ -1,6 +1,6 @@
 """MoFO on FSDP2-sharded (DTensor) parameters equals single-process MoFO bit for bit: two gloo
 processes on the CPU, each holding half of every tensor's rows, must find the same whole-tensor
-mask as one process holding all of it. Seconds."""
+mask as one process holding all of it. Seconds (most of them the two processes importing torch)."""
 import io
 import os
 import socket
@@ -37,26 +37,29 @@ def check_global_threshold(rank, group):
     gen = torch.Generator().manual_seed(0)
     cases = [torch.randn(100003, generator=gen).abs(), torch.randint(0, 5, (90000,), generator=gen).float(),
              torch.zeros(70000), torch.randn(37, generator=gen).abs()]
-    for z in (mofo.SAMPLE_Z, 0.0):  # 0: a bracket of no width, which misses most of the time
-        mofo.SAMPLE_Z = z
-        for x in cases:
-            n = x.numel()
-            for cut in (0, n // 3, n):  # rank 0 holds x[:cut], rank 1 the rest
-                part = x[:cut] if rank == 0 else x[cut:]
-                for k in sorted({1, n // 10, n // 2, n}):
-                    tau, count = mofo.global_threshold(part, k, torch.empty(2 * part.numel(), dtype=torch.int8),
-                                                       group, 0, n)
-                    assert tau == torch.topk(x, k).values[-1] and count == int((x >= tau).sum()), (n, cut, k, z)
-    mofo.SAMPLE_Z = 4.0
+    default = mofo.SAMPLE_Z
+    try:
+        for z in (default, 0.0):  # 0: a bracket of no width, which misses most of the time
+            mofo.SAMPLE_Z = z
+            for x in cases:
+                n = x.numel()
+                for cut in (0, n // 3, n):  # rank 0 holds x[:cut], rank 1 the rest
+                    part = x[:cut] if rank == 0 else x[cut:]
+                    for k in sorted({1, n // 10, n // 2, n}):
+                        tau, count = mofo.global_threshold(part, k, group, n)
+                        assert tau == torch.topk(x, k).values[-1] and count == int((x >= tau).sum()), (n, cut, k, z)
+    finally:
+        mofo.SAMPLE_Z = default
 
 
-def check_fsdp_equals_one_process(rank, mesh, filter, alpha, steps=6):
+def check_fsdp_equals_one_process(mesh, filter, alpha, steps=6):
     from torch.distributed.fsdp import fully_shard
     one, sharded = model(), model()
     for layer in sharded:
         if any(True for _ in layer.parameters()):
             fully_shard(layer, mesh=mesh)
     fully_shard(sharded, mesh=mesh)
+    assert all(len(p.placements) == mesh.ndim for p in sharded.parameters())  # HSDP: (Replicate(), Shard(0))
     kwargs = dict(lr=1e-2, weight_decay=0.01, alpha=alpha, filter=filter, seed=3)
     opt_one, opt = MoFO(one.parameters(), **kwargs), MoFO(sharded.parameters(), **kwargs)
     for step in range(steps):
@@ -76,6 +79,8 @@ def check_fsdp_equals_one_process(rank, mesh, filter, alpha, steps=6):
             buffer.seek(0)
             opt = MoFO(sharded.parameters(), **{**kwargs, "seed": 99})
             opt.load_state_dict(torch.load(buffer, weights_only=False))
+    with pytest.raises(ValueError, match="fast=False"):  # the reference path takes whole tensors only
+        MoFO(sharded.parameters(), fast=False).step()
 
 
 def worker(rank, world, port):
@@ -88,7 +93,11 @@ def worker(rank, world, port):
         check_global_threshold(rank, mesh.get_group())
         for filter in mofo.FILTERS:
             for alpha in (0.1, 1.0):
-                check_fsdp_equals_one_process(rank, mesh, filter, alpha)
+                check_fsdp_equals_one_process(mesh, filter, alpha)
+        # HSDP: a 2-D mesh, replicated along its first dim (of size 1 here), sharded along its second
+        hsdp = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
+        for filter in ("momentum", "random"):
+            check_fsdp_equals_one_process(hsdp, filter, 0.1)
     finally:
         dist.destroy_process_group()
 
