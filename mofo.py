@@ -17,11 +17,18 @@ for bit, because the arithmetic follows torch's single-tensor AdamW operation by
 mofo_update_ below is the whole algorithm for one tensor, its mask from a plain torch.topk.
 MoFO.step() runs the same numbered lines with one reused buffer and a fast exact selection (end of
 file) that finds the very same mask, hence bitwise the same parameters; fast=False runs
-mofo_update_ itself.
+mofo_update_ itself. Parameters sharded by FSDP2 (DTensors) are stepped on each rank's rows with
+the mask of the whole tensor (global_threshold), bitwise as in one process.
 """
 import math
 
 import torch
+
+try:  # FSDP2's parameters are DTensors: see shard_of and global_threshold at the end of the file
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a torch built without torch.distributed: isinstance(p, ()) is always False
+    DTensor = ()
 
 
 @torch.no_grad()
@@ -68,10 +75,14 @@ def filter_mask(filter, grad, exp_avg, denom, k, generator=None):
     """The entries that move: the k top-scoring ones, ties kept, or k drawn from `generator`
     (not the global RNG) for "random"."""
     if filter == "random":
-        idx = torch.randperm(exp_avg.numel(), generator=generator)[:k].to(exp_avg.device)
-        mask = torch.zeros(exp_avg.numel(), dtype=torch.bool, device=exp_avg.device)
-        return mask.index_fill_(0, idx, True).view(exp_avg.shape)
+        return random_mask(exp_avg.numel(), k, generator, exp_avg.device).view(exp_avg.shape)
     return topk_mask_reference(filter_score(filter, grad, exp_avg, denom), k)
+
+
+def random_mask(n, k, generator, device):
+    """k of n entries drawn from `generator`, as a flat bool mask."""
+    idx = torch.randperm(n, generator=generator)[:k].to(device)
+    return torch.zeros(n, dtype=torch.bool, device=device).index_fill_(0, idx, True)
 
 
 def filter_score(filter, grad, exp_avg, denom, out=None):
@@ -151,6 +162,12 @@ class MoFO(torch.optim.Optimizer):
                     state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 m, v = state["exp_avg"], state["exp_avg_sq"]
+                local, grad, shard = p, p.grad, None  # what this process updates: all of p here
+                if isinstance(p, DTensor):  # FSDP2: this rank's rows; the mask is the whole p's
+                    if not self.fast:
+                        raise ValueError("fast=False runs mofo_update_ on whole tensors, not DTensors")
+                    local, grad, shard = p.to_local(), grad.to_local(), shard_of(p)
+                    m, v = m.to_local(), v.to_local()  # the state stays DTensors, as AdamW's
                 state["step"] += 1
                 t = state["step"].item()
                 if not self.fast:  # the reference, exactly as written at the top of this file
@@ -158,10 +175,10 @@ class MoFO(torch.optim.Optimizer):
                                           group["maximize"], group["filter"], self.generator)
                     continue
                 # mofo_update_, line for line, with one buffer and the fast exact selection:
-                g = (-p.grad if group["maximize"] else p.grad).to(m.dtype)
+                g = (-grad if group["maximize"] else grad).to(m.dtype)
                 # 1. Decoupled weight decay, every entry.
                 if wd != 0:
-                    p.mul_(1 - lr * wd)
+                    local.mul_(1 - lr * wd)
                 # 2. Moments of every entry.
                 m.lerp_(g, 1 - beta1)
                 v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -170,14 +187,14 @@ class MoFO(torch.optim.Optimizer):
                 work, kept, denom, scratch = workspace(work, m)
                 adam_denom(v, (1 - beta2 ** t) ** 0.5, eps, out=denom)
                 if p.dim() < 2 or alpha == 1.0:  # vectors and alpha=1: the dense AdamW step
-                    p.addcdiv_(m, denom, value=-step_size)
+                    local.addcdiv_(m, denom, value=-step_size)
                     moved += p.numel()
                     continue
                 # 4. Filter this block: kept = m * mask, with the mask found fast (below).
                 k = max(1, math.floor(alpha * p.numel()))
-                moved += filter_fast_(group["filter"], g, m, denom, k, self.generator, kept, scratch)
+                moved += filter_fast_(group["filter"], g, m, denom, k, self.generator, kept, scratch, shard)
                 # 5. The AdamW step with the unselected entries' momentum zeroed.
-                p.addcdiv_(kept, denom, value=-step_size)
+                local.addcdiv_(kept, denom, value=-step_size)
         self.last_update_fraction = float(moved) / max(total, 1)  # one host sync per step
         return loss
 
@@ -241,6 +258,20 @@ def topk_threshold(score, k, scratch=None, sampled=None):
     if not sampled:
         tau = kth_largest(s, k)
         return tau, (s >= tau).sum()
+    lo, hi = bracket(s, k, n)  # 1. around tau, from a sample
+    if scratch is None:
+        scratch = torch.empty(2 * n, dtype=torch.int8, device=s.device)
+    n_above, cand = band(s, lo, hi, scratch)  # 2.-3. the entries above it, and inside it
+    if not n_above < k <= n_above + cand.numel():  # the bracket missed tau: select in full
+        tau = kth_largest(s, k)
+        return tau, (s >= tau).sum()
+    tau = kth_largest(cand, k - n_above)  # exact: the k-th largest is the band's (k - n_above)-th
+    return tau, n_above + (cand >= tau).sum()
+
+
+def bracket(s, k, n, gather=None):
+    """[lo, hi]: two sampled entries around tau, the k-th largest of n entries, from the 1-D s
+    (all n, or this rank's part: then gather(sample) collects the sample of every rank)."""
     # 1. An evenly strided sample: deterministic (it draws from no generator, so the global RNG
     #    and the "random" filter's stream stay untouched). The stride is made coprime with n,
     #    hence with the row length of any matrix of n entries, so the samples walk through every
@@ -249,45 +280,52 @@ def topk_threshold(score, k, scratch=None, sampled=None):
     while math.gcd(stride, n) > 1:
         stride -= 1
     sample = s[stride // 2::stride][:SAMPLE_SIZE]
-    mean = k / n * SAMPLE_SIZE  # expected number of sampled entries >= tau
+    sample = sample if gather is None else gather(sample)
+    mean = k / n * sample.numel()  # expected number of sampled entries >= tau
     spread = SAMPLE_Z * math.sqrt(mean * (1 - k / n)) + 1  # +1: ranks are whole numbers
-    top = torch.topk(sample, min(SAMPLE_SIZE, math.ceil(mean + spread))).values  # descending
+    top = torch.topk(sample, min(sample.numel(), math.ceil(mean + spread))).values  # descending
     # lo is the ceil(mean + spread)-th largest sampled value, hi the floor(mean - spread)-th, at
     # index one less as top[0] is the 1st: rounding outward keeps [lo, hi] at least mean +- spread
     # wide. If mean - spread < 1 no entry is surely above tau: hi = inf.
     lo = top[-1]
-    hi = top[math.floor(mean - spread) - 1] if mean - spread >= 1 else s.new_tensor(math.inf)
+    hi = top[math.floor(mean - spread) - 1] if mean - spread >= 1 else sample.new_tensor(math.inf)
+    return lo, hi
+
+
+def band(s, lo, hi, scratch):
+    """(n_above, cand): how many entries of the 1-D s are > hi, and those in [lo, hi]."""
+    n = s.numel()
     # 2. One comparison pass against each end. The flags are int8, not bool: on a CPU the flag
     #    passes below (two comparisons, a sum, a subtraction, the scan) took about 4x as long
     #    with bool flags (bool has no subtraction; xor and bool sums are slower; torch 2.13).
-    if scratch is None:
-        scratch = torch.empty(2 * n, dtype=torch.int8, device=s.device)
     ge_lo = torch.ge(s, lo, out=scratch[:n])
     gt_hi = torch.gt(s, hi, out=scratch[n:2 * n])
     n_above = int(gt_hi.sum(dtype=torch.int32))  # entries surely above tau
-    band = ge_lo.sub_(gt_hi)  # 1 where lo <= s <= hi
+    inside = ge_lo.sub_(gt_hi)  # 1 where lo <= s <= hi
     # 3. Gather the band. Its flags are scanned as 8-byte int64 words: a word is nonzero iff one
     #    of its 8 entries is in the band, so nonzero() scans n/8 words instead of n bytes; only
     #    the few words found (a few % of n) are then looked at entry by entry.
     n8 = n - n % 8
-    flags = band[:n8].view(torch.int64)
+    flags = inside[:n8].view(torch.int64)
     words = torch.nonzero(flags).squeeze(1)
-    cand = torch.cat([s[:n8].view(-1, 8).index_select(0, words).view(-1)[flags.index_select(0, words).view(torch.bool)],
-                      s[n8:][band[n8:].bool()]])
-    if not n_above < k <= n_above + cand.numel():  # the bracket missed tau: select in full
-        tau = kth_largest(s, k)
-        return tau, (s >= tau).sum()
-    tau = kth_largest(cand, k - n_above)  # exact: the k-th largest is the band's (k - n_above)-th
-    return tau, n_above + (cand >= tau).sum()
+    return n_above, torch.cat([s[:n8].view(-1, 8).index_select(0, words).view(-1)[flags.index_select(0, words).view(torch.bool)],
+                               s[n8:][inside[n8:].bool()]])
 
 
-def filter_fast_(filter, grad, exp_avg, denom, k, generator, out, scratch):
+def filter_fast_(filter, grad, exp_avg, denom, k, generator, out, scratch, shard=None):
     """exp_avg * filter_mask(...), written into `out` (a buffer shaped like exp_avg); returns
-    the mask's size. The mask is the same: the same draw, or the same exact tau."""
-    if filter == "random":
-        torch.mul(exp_avg, filter_mask(filter, grad, exp_avg, denom, k, generator), out=out)
+    the mask's size. The mask is the same: the same draw, or the same exact tau. shard: None,
+    or shard_of(p) when exp_avg is this rank's part of a DTensor's; the mask is the whole p's."""
+    if filter == "random":  # a sharded p draws from all of p, alike on every rank, keeps its part
+        start, n = (0, exp_avg.numel()) if shard is None else shard[1:]
+        mask = random_mask(n, k, generator, out.device)[start:start + exp_avg.numel()]
+        torch.mul(exp_avg, mask.view(exp_avg.shape), out=out)
         return k
-    tau, count = topk_threshold(filter_score(filter, grad, exp_avg, denom, out=out), k, scratch)
+    score = filter_score(filter, grad, exp_avg, denom, out=out)
+    if shard is None:
+        tau, count = topk_threshold(score, k, scratch)
+    else:
+        tau, count = global_threshold(score, k, shard[0], shard[2], scratch)
     if filter == "momentum" and out.device.type == "cpu":
         # |m| >= tau is |m| > (the float just below tau), as no float lies between them:
         # hardshrink keeps exactly those entries (ties at tau too) and zeroes the rest in one pass
@@ -308,3 +346,55 @@ def workspace(work, m):
     kept = work[:size].view(m.dtype).view(m.shape)
     denom = work[size:2 * size].view(m.dtype).view(m.shape)
     return work, kept, denom, work[2 * size:2 * size + 2 * n].view(torch.int8)
+
+
+# ----- Sharded parameters. FSDP2 (torch.distributed.fsdp.fully_shard) makes each parameter a
+# DTensor whose rank r holds rows r*c .. (r+1)*c - 1 (c = ceil(rows / ranks), as torch.chunk: the
+# last rank's part may be short or empty). Everything but the mask is elementwise, so MoFO steps
+# each rank's rows; the mask needs the k-th largest score of the whole tensor, found exactly here.
+
+def shard_of(p):
+    """(group, start, n): the process group p's rows are split over, the flat index of this
+    rank's first entry, and p's numel. Dims of the mesh where p is replicated (HSDP) are left out:
+    their ranks hold the same numbers, so they find the same tau without talking."""
+    dims = [d for d, placement in enumerate(p.placements) if not placement.is_replicate()]
+    if len(dims) != 1 or p.placements[dims[0]] != Shard(0):
+        raise ValueError(f"MoFO needs DTensors split on dim 0 only (FSDP2's layout), got {p.placements}")
+    rows = -(-p.shape[0] // p.device_mesh.size(dims[0]))  # torch.chunk's rows per rank
+    start = min(p.device_mesh.get_local_rank(dims[0]) * rows, p.shape[0]) * (p.numel() // p.shape[0])
+    return p.device_mesh.get_group(dims[0]), start, p.numel()
+
+
+def global_threshold(score, k, group, n, scratch=None):
+    """topk_threshold of a tensor of n entries split over the ranks of `group`, this rank holding
+    `score` (any part, maybe empty): the same tau and count on every rank. Exact for the same
+    reason as topk_threshold: every rank compares its part with the same [lo, hi] (from one sample
+    gathered from all parts); the entries above hi are counted and those inside gathered, so the
+    k-th largest of the whole tensor is the gathered band's (k - n_above)-th largest. Every rank
+    sees the same totals, so all see a miss alike and widen [lo, hi] to everything: the whole
+    tensor is gathered, as it is from the start for tensors that topk_threshold selects directly."""
+    s, inf = score.reshape(-1), score.new_tensor(math.inf)
+    if scratch is None:
+        scratch = torch.empty(2 * s.numel(), dtype=torch.int8, device=s.device)
+    lo, hi = -inf, inf
+    if n > 4 * SAMPLE_SIZE:  # with the whole tensor's stride: about SAMPLE_SIZE samples in all
+        lo, hi = bracket(s, k, n, gather=lambda sample: all_gather_cat(sample, 0, group)[0])
+    for lo, hi in ((lo, hi), (-inf, inf)):
+        n_above, cand = band(s, lo, hi, scratch)
+        cand, n_above = all_gather_cat(cand, n_above, group)
+        if n_above < k <= n_above + cand.numel():
+            break
+    tau = kth_largest(cand, k - n_above)
+    return tau, n_above + (cand >= tau).sum()
+
+
+def all_gather_cat(x, count, group):
+    """(every rank's 1-D x concatenated, the sum of every rank's count). The x may differ in
+    size: all_gather needs equal ones, so their sizes are gathered first and each x is padded."""
+    sizes = [torch.empty(2, dtype=torch.int64, device=x.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([x.numel(), count], device=x.device), group=group)
+    sizes = [s.tolist() for s in sizes]
+    width = max(1, max(size for size, _ in sizes))  # >= 1: no collective of empty tensors
+    parts = [x.new_empty(width) for _ in sizes]
+    dist.all_gather(parts, torch.cat([x, x.new_zeros(width - x.numel())]), group=group)
+    return torch.cat([part[:size] for part, (size, _) in zip(parts, sizes)]), sum(c for _, c in sizes)

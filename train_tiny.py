@@ -17,6 +17,7 @@ the pre-trained checkpoint one of its corpus and model code: a cache never outli
     python train_tiny.py --method mofo --alpha 0.1      # pre-trains once (cached), then fine-tunes
     python train_tiny.py --method full --tasks add,reverse,sort,count
     torchrun --nproc_per_node=2 train_tiny.py --method hft
+    torchrun --nproc_per_node=2 train_tiny.py --method mofo --fsdp   # weights sharded (FSDP2), not DDP
 """
 import argparse
 import functools
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.distributed.tensor import DTensor
 
 import hft
 from data import (ARITH, ATTRIBUTES, TASKS, VOCAB, build_corpus, make_rows, shard,
@@ -57,6 +59,7 @@ class Config:
     log_interval: int = opt(50, "log loss, lr and ms/iter every N iters")
     device: str = opt("auto", "auto (cuda, then mps, then cpu) or a torch device name")
     compile: bool = opt(False, "torch.compile the model: pays off on GPUs, not for short CPU runs")
+    fsdp: bool = opt(False, "under torchrun: fine-tune with the model sharded by FSDP2 (fully_shard), not DDP")
     data_seed: int = opt(0, "seed of the world, held-out text, test problems and pre-training")
     corpus: str = opt("v2", "v2: numbers and one-digit sums in the world's prose | v1: no digits at all")
     arith: float = opt(ARITH, "v2: fraction of pre-training sentences that state a one-digit sum")
@@ -99,7 +102,7 @@ PRESETS = {  # --preset: a named starting point; flags given on the command line
 PRETRAIN_KEYS = ("data_seed", "corpus", "arith", "n_people", "filler", "n_layer", "n_head", "n_embd",
                  "block_size", "pretrain_max_iters", "pretrain_batch_size", "pretrain_lr",
                  "pretrain_warmup_iters", "pretrain_weight_decay")
-RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "compile")  # free on resume
+RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "compile", "fsdp")  # free on resume
 PRETRAIN_BETAS = (0.9, 0.95)   # nanoGPT's pre-training betas
 FINETUNE_BETAS = (0.9, 0.999)  # torch's defaults, which the MoFO paper's fine-tuning uses
 LORA_ALPHA = 16.0              # LoRA's scale is LORA_ALPHA / rank: 2 at rank 8, PEFT's common lora_alpha=16
@@ -321,7 +324,7 @@ def weights(model, names):  # the weights as the forward pass sees them (LoRA's 
     return {n: getattr(model.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names}
 
 def distance(model, theta0):  # ‖θ − θ0‖
-    return torch.cat([(w.detach() - theta0[n]).flatten() for n, w in weights(model, theta0).items()]).norm().item()
+    return torch.cat([(full(w.detach()) - theta0[n]).flatten() for n, w in weights(model, theta0).items()]).norm().item()
 
 # ----------------------------------------------------------------------------------------------
 # Training: one loop for pre-training and fine-tuning, single process or DDP
@@ -385,9 +388,25 @@ def setup_distributed(device):
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     return dist.get_rank(), dist.get_world_size(), device
 
-def wrap(model, compile, world):  # what the loop calls: the model, compiled and/or DDP-wrapped
+def wrap(model, compile, world, ddp=True):  # what the loop calls: the model, compiled and/or DDP-wrapped
     model = torch.compile(model) if compile else model
-    return DDP(model) if world > 1 else model
+    return DDP(model) if world > 1 and ddp else model
+
+def shard_model(model, device, world):
+    """--fsdp: FSDP2 instead of DDP. Each block, then the rest, becomes DTensors split by rows across
+    the ranks (gathered for each forward, gradients reduce-scattered); the optimizer steps each
+    rank's rows (MoFO still with each whole tensor's mask)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(torch.device(device).type, (world,))
+    for block in model.model.layers:
+        fully_shard(block, mesh=mesh)
+    # reshard_after_forward given: by default the root keeps its whole weights after a forward (as
+    # an evaluation's), and model.parameters() would hand those out in place of the sharded ones.
+    return fully_shard(model, mesh=mesh, reshard_after_forward=True)
+
+def full(t):  # a whole tensor: an FSDP2 DTensor gathered from every rank (all must call), others as is
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 def model_config(cfg):
     return ModelConfig(cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, len(VOCAB))
@@ -499,6 +518,8 @@ def check_config(cfg, world=1):
         (cfg.lr > 0 and cfg.pretrain_lr > 0, f"--lr and --pretrain_lr must be > 0, got {cfg.lr}, {cfg.pretrain_lr}"),
         (cfg.n_embd % (2 * cfg.n_head) == 0, f"--n_embd must be a multiple of 2·n_head (rotary), got {cfg.n_embd}"),
         (cfg.batch_size % world == 0, f"--batch_size {cfg.batch_size} must be divisible by the {world} ranks"),
+        (not cfg.fsdp or (cfg.method in ("full", "mofo", "hft") and not cfg.resume),
+         "--fsdp runs --method full, mofo or hft, without --resume (LoRA and the L1/L2 pull need whole tensors)"),
     ] + [(getattr(cfg, k) >= 1, f"--{k} must be >= 1, got {getattr(cfg, k)}") for k in ints]
     for ok, message in checks:
         if not ok:
@@ -522,6 +543,9 @@ def run(cfg: Config) -> dict:
     model = TinyLlama(model_config(cfg)).to(device)
     model.load_state_dict(pre["model"])
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    sharded = cfg.fsdp and world > 1
+    if sharded:  # before the optimizers are made: sharding replaces the parameters by DTensors
+        shard_model(model, device, world)
     tests = {t: test_problems(t, cfg.data_seed, cfg.eval_problems, corpus.stated) for t in tasks}
     held_out = {t: {prompt for prompt, _ in tests[t]} for t in tasks}
     # Along the way: a fixed subset of probes and problems, the same at every point of every run
@@ -549,8 +573,9 @@ def run(cfg: Config) -> dict:
 
     def save(optimizer, trainable, iter_num):
         state["iter_num"] = iter_num
-        if rank == 0:
-            save_checkpoint({"model": model.state_dict(), "optimizer": optimizer and optimizer.state_dict(),
+        model_state = {k: full(v) for k, v in model.state_dict().items()}  # every rank: FSDP2 gathers
+        if rank == 0:  # (an FSDP2 optimizer's state is left out: --resume is not offered with --fsdp)
+            save_checkpoint({"model": model_state, "optimizer": None if sharded or not optimizer else optimizer.state_dict(),
                              "hft": trainable, "config": asdict(cfg), **state,
                              "rng": {"torch": torch.get_rng_state(), "data": rng.getstate()}}, ckpt_path)
 
@@ -581,7 +606,7 @@ def run(cfg: Config) -> dict:
         if resume is not None:  # saved mid-task: restore after the stage is set up as it was then
             resume = restore(optimizer)
         seconds, tokens = train(
-            wrap(model, cfg.compile, world), model, optimizer, functools.partial(batch, i), stage_of(cfg),
+            wrap(model, cfg.compile, world, ddp=not sharded), model, optimizer, functools.partial(batch, i), stage_of(cfg),
             cfg.grad_clip, ctx, start=state["iter_num"],
             after_backward=method.pull and functools.partial(add_pull, model, theta0, method.pull, cfg.reg),
             on_eval=functools.partial(curve_point, i), eval_every=max(1, cfg.max_iters // cfg.curve_points),
@@ -604,7 +629,7 @@ def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
     before, after = pre["metrics"], fact_scores(model, corpus.probes, device)
     after["heldout_loss"] = estimate_loss(model, corpus.heldout, cfg.block_size, device)
     R, T = state["R"], len(tasks)
-    delta = [(p.detach() - theta0[n]).flatten() for n, p in model.named_parameters()]
+    delta = [(full(p.detach()) - theta0[n]).flatten() for n, p in model.named_parameters()]
     dist_abs, norm0 = torch.cat(delta).norm().item(), torch.cat([p.flatten() for p in theta0.values()]).norm().item()
     m = {"method": cfg.method, "tasks": tasks, "config": asdict(cfg), "R0": state["R0"], "R": R,
          "task_acc": R[-1][-1], "task_acc_before": state["R0"][-1], "OP": sum(R[-1]) / T,
