@@ -92,8 +92,9 @@ SWEEPS = {"frontier": Sweep(FRONTIER),
           "ablation": Sweep(ABLATION),
           "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
                              lr_for={}, base=dict(QUIET, max_iters=400, curve_points=1, eval_problems=200))}
-SWEEPS.update({f"scale{w}": Sweep(SCALE, lr_for={"full": FULL_LRS[::2]}, base=dict(QUIET, **flags))
-               for w, flags in SIZES.items()})  # 2 rates each: 1e-3, 2e-3 (full: 5e-4, 1.26e-3)
+SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:1], lr_for={"full": FULL_LRS[:1]}, base=dict(QUIET, **flags))
+               for w, flags in SIZES.items()})  # one configuration each: the best rate at width 128 (the
+                                                # lowest of each grid), as the compute budget allows
 SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed
