@@ -1,22 +1,43 @@
 """
-Speed comparisons, measured side by side in one run.
+Speed comparisons, measured side by side in one run, against what users run.
 
     python bench.py                  # every section, on the best device available
     python bench.py --only mofo      # one section: mofo | hft | loop
-    python bench.py --device cpu
+    python bench.py --device cpu --threads 2
+    python bench.py --quick          # tiny shapes, one round: checks that it runs (the tests); no numbers
 
+The first line names the machine (CPU, cores, RAM, torch, threads, GPU) for the README's table.
 Each section times its contenders in interleaved rounds (A, B, C, A, B, C, ...) and reports
-medians, so background load hits all of them alike; compare the ratios, not the raw times.
+medians, so background load hits all of them alike; compare the ratios, not the raw times. Next
+to the wall time each section gives this process's CPU time, which other programs on a busy
+machine disturb far less (with n threads it counts up to n times the wall time).
 
-mofo: one optimizer step on a Llama-shaped model of about 13 M parameters with random
-gradients: MoFO (alpha=0.1), torch AdamW(foreach=False), and MoFO's readable reference
-(MoFO(fast=False): mofo.mofo_update_, a full torch.topk per tensor as the authors' release does),
-which computes bitwise the same step.
+mofo: one optimizer step with random gradients, on two sets of shapes (--shapes): the bench model,
+a Llama-shaped decoder of about 13 M parameters, and one Llama-7B decoder layer (q, k, v, o
+4096x4096; gate, up 11008x4096; down 4096x11008; two norms: 202 M parameters). Contenders: torch
+AdamW with foreach=False (torch's default on a CPU), foreach=True (its default on CUDA) and
+fused=True (where this torch runs it on the device), MoFO's readable reference (MoFO(fast=False):
+mofo.mofo_update_, a full torch.topk per tensor as the authors' release does) and MoFO (alpha=0.1).
+"/ AdamW" is each one's wall time over AdamW(foreach=False)'s, "/ foreach" over AdamW(foreach=True)'s.
+The reference and MoFO compute bitwise the same step. On a 2-core CPU the 7B layer takes minutes
+(the reference's step alone takes seconds): --rounds_7b sets its rounds, --shapes bench skips it.
+
+hft: one training step (forward, backward, AdamW step) of HFT vs full fine-tuning, phase by phase,
+and the size of AdamW's state.
+
+loop: ms per iteration of train_tiny's training loop (train_tiny.train with the optimizer of
+train_tiny.METHODS, as `python train_tiny.py` runs it) on nanoGPT's CPU recipe shapes, for full
+fine-tuning and MoFO.
 """
 import argparse
+import gc
 import math
+import os
+import platform
+import resource
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -36,84 +57,170 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def time_interleaved(fns, device, rounds, warmup=2, before_round=None):
-    """Median milliseconds per call of each fn in the dict, called in interleaved rounds."""
-    times = {name: [] for name in fns}
+def time_interleaved(fns, device, rounds, warmup=2, before_round=None, before_call=None):
+    """(wall, cpu): median milliseconds per call of each fn in the dict, called in interleaved
+    rounds after `warmup` untimed ones. before_round() and before_call(name) run untimed."""
+    wall, cpu = {name: [] for name in fns}, {name: [] for name in fns}
     for r in range(warmup + rounds):
         if before_round is not None:
             before_round()
         for name, fn in fns.items():
+            if before_call is not None:
+                before_call(name)
             sync(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             sync(device)
             if r >= warmup:
-                times[name].append((time.perf_counter() - t0) * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                wall[name].append((time.perf_counter() - t0) * 1e3)
+                cpu[name].append((time.process_time() - c0) * 1e3)
+    return ({name: statistics.median(ts) for name, ts in wall.items()},
+            {name: statistics.median(ts) for name, ts in cpu.items()})
+
+
+def meminfo(key):
+    """A /proc/meminfo entry in bytes ("MemTotal", "MemAvailable"), or None where there is none."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine_description(device):
+    """One line naming the machine, for the README's speed table."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    ram = meminfo("MemTotal")
+    line = (f"machine: {cpu}, {os.cpu_count()} logical CPUs"
+            + (f", {ram / 2**30:.0f} GiB RAM" if ram else "")
+            + f", {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if device.type == "cuda":
+        line += f", GPU {torch.cuda.get_device_name(device)}"
+    return line
+
+
+def llama_layer_shapes(n_embd, n_hidden):
+    """Parameter shapes of one Llama decoder layer: attention, gated MLP, their RMSNorms."""
+    return ([(n_embd,)] + [(n_embd, n_embd)] * 4  # norm, q, k, v, o
+            + [(n_embd,), (n_hidden, n_embd), (n_hidden, n_embd), (n_embd, n_hidden)])  # norm, gate, up, down
 
 
 def llama_shapes(n_layer, n_embd, n_hidden, vocab_size):
-    """Parameter shapes of a Llama-style decoder: attention, gated MLP, RMSNorms, embeddings."""
-    shapes = [(vocab_size, n_embd)]  # token embedding
-    for _ in range(n_layer):
-        shapes += [(n_embd,)] + [(n_embd, n_embd)] * 4  # norm, q, k, v, o
-        shapes += [(n_embd,), (n_hidden, n_embd), (n_hidden, n_embd), (n_embd, n_hidden)]  # norm, gate, up, down
-    shapes += [(n_embd,), (vocab_size, n_embd)]  # final norm, lm_head
-    return shapes
+    """Parameter shapes of a Llama-style decoder: embeddings, n_layer layers, final norm, head."""
+    return ([(vocab_size, n_embd)] + llama_layer_shapes(n_embd, n_hidden) * n_layer
+            + [(n_embd,), (vocab_size, n_embd)])
 
 
 # -----------------------------------------------------------------------------
-# mofo: MoFO step vs AdamW step vs MoFO's readable reference (torch.topk per tensor)
+# mofo: one optimizer step of torch's AdamWs, MoFO's readable reference and MoFO
+
+def fused_adamw_problem(device):
+    """None if this torch's fused AdamW steps on `device`, else the reason it does not."""
+    p = torch.zeros(2, device=device, requires_grad=True)
+    p.grad = torch.zeros(2, device=device)
+    try:
+        torch.optim.AdamW([p], fused=True).step()
+    except (RuntimeError, ValueError, NotImplementedError) as e:
+        return str(e).strip().splitlines()[0]
+    return None
+
+
+def optimizer_contenders(device, alpha):
+    """name -> (params -> optimizer), all with lr=1e-4 and no weight decay: the same arithmetic."""
+    adamw = partial(torch.optim.AdamW, lr=1e-4, weight_decay=0.0)
+    contenders = {"AdamW (foreach=False)": partial(adamw, foreach=False),
+                  "AdamW (foreach=True)": partial(adamw, foreach=True)}
+    problem = fused_adamw_problem(device)
+    if problem is None:
+        contenders["AdamW (fused=True)"] = partial(adamw, fused=True)
+    else:
+        print(f"  AdamW (fused=True) skipped: torch {torch.__version__} does not run it on {device.type}: {problem}")
+    contenders["MoFO reference (topk)"] = partial(MoFO, lr=1e-4, alpha=alpha, fast=False)
+    contenders[f"MoFO (alpha={alpha})"] = partial(MoFO, lr=1e-4, alpha=alpha)
+    return contenders
+
+
+def bench_optimizers(title, shapes, contenders, device, rounds, warmup):
+    """Print one table: each contender's step on `shapes`; returns its median wall ms."""
+    # One parameter set and one gradient set serve every contender, and one optimizer lives at a
+    # time, made anew before each timed step: interleaved rounds, robust to load that comes and
+    # goes, at the memory of a single AdamW run. The Llama-7B layer has 202 M parameters, 0.8 GB
+    # in fp32: five contenders with their own parameters, gradients and two moments would hold
+    # 5 x 4 x 0.8 = 16 GB, five optimizers over shared parameters 1.6 + 5 x 1.6 = 9.7 GB; this
+    # way 1.6 + 1.6 GB and one step's temporaries. A new optimizer's first step allocates its
+    # state and is not timed; the timed second step does what every later step does (nothing
+    # here depends on the step count but two scalar bias corrections).
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    live = {}
+
+    def make(name):
+        live.clear()
+        gc.collect()  # torch's AdamW sits in a reference cycle: free its state before the next one's
+        live["optimizer"] = contenders[name](params)
+        live["optimizer"].step()
+
+    def fresh_gradients():  # new random gradients each round, the same for every contender
+        for p in params:
+            p.grad.normal_()
+
+    steps = {name: lambda: live["optimizer"].step() for name in contenders}
+    ms, cpu = time_interleaved(steps, device, rounds, warmup, before_round=fresh_gradients, before_call=make)
+    live.clear()
+    n_params = sum(p.numel() for p in params)
+    print(f"  {title}: {n_params / 1e6:.1f} M parameters in {len(shapes)} tensors, "
+          f"median of {rounds} interleaved rounds")
+    print(f"  {'':26s} {'wall ms':>9s} {'CPU ms':>9s} {'/ AdamW':>9s} {'/ foreach':>10s}")
+    base, foreach = ms["AdamW (foreach=False)"], ms["AdamW (foreach=True)"]
+    for name in contenders:
+        print(f"  {name:26s} {ms[name]:9.1f} {cpu[name]:9.1f} {ms[name] / base:9.2f} {ms[name] / foreach:10.2f}")
+    return ms
+
+
+def peak_memory(device):
+    """This process's peak memory so far, in bytes: the GPU's allocations, or the CPU's RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
 
 def bench_mofo(args):
     device = get_device(args.device)
-    torch.manual_seed(0)
-    shapes = llama_shapes(args.n_layer, args.n_embd, args.n_hidden, args.vocab_size)
-    n_params = sum(math.prod(s) for s in shapes)
-    grads = [torch.randn(s, device=device) for s in shapes]  # shared, read-only for all three
-
-    def make_params():
-        params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
-        for p, g in zip(params, grads):
-            p.grad = g
-        return params
-
-    mofo = MoFO(make_params(), lr=1e-4, alpha=args.alpha)
-    adamw = torch.optim.AdamW(make_params(), lr=1e-4, weight_decay=0.0, foreach=False)
-    reference = MoFO(make_params(), lr=1e-4, alpha=args.alpha, fast=False)
-
-    def fresh_gradients():  # new random gradients each round, the same for all three
-        for g in grads:
-            g.normal_()
-
-    # CPU time of the whole process next to wall time: on a busy shared machine the wall
-    # clock also counts the time other programs hold the cores.
-    cpu_ms = {"mofo": [], "adamw": [], "topk": []}
-
-    def with_cpu_time(name, fn):
-        def run():
-            t0 = time.process_time()
-            fn()
-            cpu_ms[name].append((time.process_time() - t0) * 1e3)
-        return run
-
-    warmup = 2
-    ms = time_interleaved({
-        "mofo": with_cpu_time("mofo", mofo.step),
-        "adamw": with_cpu_time("adamw", adamw.step),
-        "topk": with_cpu_time("topk", reference.step),
-    }, device, args.rounds, warmup=warmup, before_round=fresh_gradients)
-    cpu = {name: statistics.median(ts[warmup:]) for name, ts in cpu_ms.items()}
-
-    print(f"mofo: one optimizer step, {n_params / 1e6:.1f} M parameters in {len(shapes)} tensors "
-          f"(n_layer={args.n_layer}, n_embd={args.n_embd}), alpha={args.alpha}, {device}, "
-          f"{torch.get_num_threads()} threads, median of {args.rounds} interleaved rounds")
-    print("                               wall ms    CPU ms")
-    print(f"  MoFO                     {ms['mofo']:10.1f} {cpu['mofo']:9.1f}")
-    print(f"  AdamW (foreach=False)    {ms['adamw']:10.1f} {cpu['adamw']:9.1f}")
-    print(f"  MoFO reference (topk)    {ms['topk']:10.1f} {cpu['topk']:9.1f}   (fast=False: mofo_update_)")
-    print(f"  MoFO / AdamW             {ms['mofo'] / ms['adamw']:10.2f} {cpu['mofo'] / cpu['adamw']:9.2f}   (target <= 1.5)")
-    print(f"  topk / MoFO              {ms['topk'] / ms['mofo']:10.2f} {cpu['topk'] / cpu['mofo']:9.2f}   (target >= 2)")
+    print(f"mofo: one optimizer step with random gradients, {device}, {torch.get_num_threads()} threads")
+    contenders = optimizer_contenders(device, args.alpha)
+    if args.shapes in ("bench", "both"):
+        ms = bench_optimizers(f"bench model (n_layer={args.n_layer}, n_embd={args.n_embd}, n_hidden={args.n_hidden}, "
+                              f"vocab_size={args.vocab_size})",
+                              llama_shapes(args.n_layer, args.n_embd, args.n_hidden, args.vocab_size),
+                              contenders, device, args.rounds, args.warmup)
+        mofo, reference = ms[f"MoFO (alpha={args.alpha})"], ms["MoFO reference (topk)"]
+        print(f"  targets: MoFO / AdamW(foreach=False) {mofo / ms['AdamW (foreach=False)']:.2f} (<= 1.5), "
+              f"reference / MoFO {reference / mofo:.2f} (>= 2)")
+    if args.shapes in ("llama7b-layer", "both"):
+        shapes = llama_layer_shapes(args.layer_embd, args.layer_hidden)
+        # parameters, gradients, two moments and temporaries (foreach's sqrt of every exp_avg_sq,
+        # MoFO's buffers, the reference's topk): 6 fp32 copies; the CPU's peak RSS measured 4.4 GiB
+        # for the 202 M parameters, 5.8 copies. Stay well inside what the machine has free.
+        need = 6 * 4 * sum(math.prod(s) for s in shapes)
+        free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else meminfo("MemAvailable")
+        title = f"Llama-7B layer (n_embd={args.layer_embd}, n_hidden={args.layer_hidden})"
+        if free is not None and need > 0.6 * free:
+            print(f"  {title} skipped: needs about {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+            return
+        # its steps take seconds on a CPU: fewer rounds (--rounds_7b) and at most one warm-up round
+        bench_optimizers(title, shapes, contenders, device, args.rounds_7b, min(args.warmup, 1))
+        print(f"  peak memory of this process: {peak_memory(device) / 2**30:.1f} GiB "
+              f"({'GPU allocations' if device.type == 'cuda' else 'RSS'}; estimate {need / 2**30:.1f} GiB)")
 
 
 # -----------------------------------------------------------------------------
@@ -138,15 +245,14 @@ def bench_hft(args):
     idx = torch.randint(0, config.vocab_size, (batch_size, block_size), device=device)  # (B, T)
     targets = torch.randint(0, config.vocab_size, (batch_size, block_size), device=device)  # (B, T)
 
-    # each step also times its own phases, so the report can say where the time goes, and its
-    # CPU time, which other processes on a busy machine disturb far less than the wall clock
-    phases = {name: {"forward": [], "backward": [], "optimizer": [], "cpu": []} for name in models}
+    # each step also times its own phases, so the report can say where the time goes
+    phases = {name: {"forward": [], "backward": [], "optimizer": []} for name in models}
 
     def make_step(name):
         model, optimizer, times = models[name], optimizers[name], phases[name]
 
         def step():
-            c0, t0 = time.process_time(), time.perf_counter()
+            t0 = time.perf_counter()
             _, loss = model(idx, targets)
             sync(device)
             t1 = time.perf_counter()
@@ -156,20 +262,20 @@ def bench_hft(args):
             t2 = time.perf_counter()
             optimizer.step()  # frozen matrices: no state, no update
             sync(device)
-            t3, c3 = time.perf_counter(), time.process_time()
-            for phase, t in zip(times, (t1 - t0, t2 - t1, t3 - t2, c3 - c0)):
+            t3 = time.perf_counter()
+            for phase, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
                 times[phase].append(t * 1e3)
         return step
 
     # One thread: on a shared, busy CPU a two-thread step waits for its slower thread, and that
     # noise (seconds) swamps the difference measured here; the work HFT skips is the same.
-    warmup, threads = 2, torch.get_num_threads()
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ms = time_interleaved({name: make_step(name) for name in models}, device, args.rounds, warmup=warmup)
+        ms, cpu = time_interleaved({name: make_step(name) for name in models}, device, args.rounds, args.warmup)
     finally:
         torch.set_num_threads(threads)
-    phase_ms = {name: {phase: statistics.median(ts[warmup:]) for phase, ts in times.items()}
+    phase_ms = {name: {phase: statistics.median(ts[args.warmup:]) for phase, ts in times.items()}
                 for name, times in phases.items()}
 
     def state_bytes(optimizer):  # exp_avg, exp_avg_sq and step of every parameter with state
@@ -201,8 +307,8 @@ def bench_hft(args):
         f, h = phase_ms["full"][phase], phase_ms["hft"][phase]
         print(f"  {phase + ' ms':22s} {f:9.1f} {h:9.1f} {h / f:9.2f}")
     print(f"  {'step ms':22s} {ms['full']:9.1f} {ms['hft']:9.1f} {ms['hft'] / ms['full']:9.2f}   (target <= 0.85)")
-    f, h = phase_ms["full"]["cpu"], phase_ms["hft"]["cpu"]
-    print(f"  {'step CPU ms':22s} {f:9.1f} {h:9.1f} {h / f:9.2f}   (CPU time of this process)")
+    print(f"  {'step CPU ms':22s} {cpu['full']:9.1f} {cpu['hft']:9.1f} {cpu['hft'] / cpu['full']:9.2f}   "
+          f"(CPU time of this process)")
     print(f"  {'AdamW state MB':22s} {state['full'] / 2**20:9.1f} {state['hft'] / 2**20:9.1f} "
           f"{state['hft'] / state['full']:9.2f}   (target <= 0.55)")
     print(f"  {'matmul-only estimate':22s} {'':9s} {'':9s} {mm_ratio:9.2f}   (forward + backward matmul FLOPs only)")
@@ -214,9 +320,9 @@ def bench_hft(args):
 def bench_loop(args):
     """ms per iteration of train_tiny's training loop (batch, forward, backward, clip, step) on
     nanoGPT's CPU recipe shapes: 4 layers, 4 heads, 128 channels, context 64, batch 12, where
-    nanoGPT's own loop measured about 36 ms/iter on 2-core CPU machines. Also reports this
-    process's CPU time per iteration, which other processes on a busy machine disturb far less
-    than the wall clock (with n threads it counts up to n times the wall time)."""
+    nanoGPT's own loop measured about 36 ms/iter on 2-core CPU machines. Everything but those
+    shapes and the number of iterations is train_tiny's default Config, and the parameters and
+    optimizer come from its METHODS table, as `python train_tiny.py --method ...` gets them."""
     import random
     from contextlib import nullcontext
 
@@ -225,55 +331,76 @@ def bench_loop(args):
 
     device = get_device(args.device)
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-    corpus, iters = data.build_corpus(), 10  # each timed call runs the loop for `iters` iterations
-    cpu_ms = {}
+    corpus = data.build_corpus()
 
-    def make_loop(name, method):
+    def make_loop(method):
+        cfg = tt.Config(method=method, alpha=args.alpha, max_iters=args.iters, n_layer=4, n_head=4,
+                        n_embd=128, block_size=64, batch_size=12)
         torch.manual_seed(0)
-        model = tt.TinyLlama(tt.ModelConfig(4, 4, 128, 64, len(data.VOCAB))).to(device)
-        _, optimizer, _ = tt.setup_stage(model, tt.Config(method=method, alpha=args.alpha), stage=0)
-        rng = random.Random(0)
-        cpu_ms[name] = []
+        model = tt.TinyLlama(tt.model_config(cfg)).to(device)
+        params, _ = tt.METHODS[method].params(model, cfg, 0)  # stage (task) 0
+        optimizer = tt.METHODS[method].optimizer(params, cfg)
+        rng, stage = random.Random(0), tt.stage_of(cfg)
 
         def get_batch():
-            x, y = data.text_windows(corpus.train, 64, 12, rng)
+            x, y = data.text_windows(corpus.train, cfg.block_size, cfg.batch_size, rng)
             return [(x.to(device), y.to(device), 1.0)]
 
-        def loop():
-            c0 = time.process_time()
-            tt.train(model, model, optimizer, get_batch, iters, 1e-3, 0, 1.0, ctx, log_interval=0)
-            cpu_ms[name].append((time.process_time() - c0) * 1e3 / iters)
-        return loop
+        # each timed call runs the loop from iteration 0 to max_iters (the schedule restarts)
+        return lambda: tt.train(model, model, optimizer, get_batch, stage, cfg.grad_clip, ctx, log_interval=0)
 
-    loops = {name: make_loop(name, method) for name, method in
-             (("full (AdamW)", "full"), (f"mofo (alpha={args.alpha})", "mofo"))}
-    ms = time_interleaved(loops, device, args.rounds)
+    loops = {"full (AdamW)": make_loop("full"), f"mofo (alpha={args.alpha})": make_loop("mofo")}
+    ms, cpu = time_interleaved(loops, device, args.rounds, args.warmup)
     print(f"loop: train_tiny's training loop on nanoGPT's CPU shapes (4x128, 4 heads, context 64, batch 12), "
-          f"{device.type}, {torch.get_num_threads()} threads, median of {args.rounds} rounds of {iters} iters "
+          f"{device.type}, {torch.get_num_threads()} threads, median of {args.rounds} rounds of {args.iters} iters "
           f"(nanoGPT: about 36 ms/iter on 2 CPU cores)")
     print(f"  {'':22s} {'ms/iter':>9s} {'CPU ms/iter':>12s}")
-    for name, t in ms.items():
-        print(f"  {name:22s} {t / iters:9.1f} {statistics.median(cpu_ms[name]):12.1f}")
+    for name in loops:
+        print(f"  {name:22s} {ms[name] / args.iters:9.1f} {cpu[name] / args.iters:12.1f}")
 
 
 # -----------------------------------------------------------------------------
 
 SECTIONS = {"mofo": bench_mofo, "hft": bench_hft, "loop": bench_loop}
+# --quick: every code path on tiny shapes with one round, for the tests; its numbers mean nothing
+QUICK = dict(n_layer=1, n_embd=64, n_hidden=172, vocab_size=64, layer_embd=64, layer_hidden=172,
+             rounds=1, rounds_7b=1, warmup=0, iters=2)
 
-if __name__ == "__main__":
+
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=list(SECTIONS), default=None, help="run one section (default: all)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds per contender")
-    parser.add_argument("--alpha", type=float, default=0.1)
-    parser.add_argument("--n_layer", type=int, default=4)
-    parser.add_argument("--n_embd", type=int, default=512)
-    parser.add_argument("--n_hidden", type=int, default=1376, help="gated MLP width")
-    parser.add_argument("--vocab_size", type=int, default=512)
-    args = parser.parse_args()
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, one round: runs every path, in seconds")
+    parser.add_argument("--alpha", type=float, default=0.1, help="MoFO's fraction of each tensor updated")
+    parser.add_argument("--shapes", choices=["bench", "llama7b-layer", "both"], default="both",
+                        help="mofo section: the bench model, one Llama-7B layer, or both")
+    parser.add_argument("--rounds_7b", type=int, default=5, help="timed rounds on the Llama-7B layer")
+    parser.add_argument("--n_layer", type=int, default=4, help="bench model")
+    parser.add_argument("--n_embd", type=int, default=512, help="bench model")
+    parser.add_argument("--n_hidden", type=int, default=1376, help="bench model: gated MLP width")
+    parser.add_argument("--vocab_size", type=int, default=512, help="bench model")
+    parser.add_argument("--layer_embd", type=int, default=4096, help="Llama-7B layer: channels")
+    parser.add_argument("--layer_hidden", type=int, default=11008, help="Llama-7B layer: gated MLP width")
+    parser.add_argument("--iters", type=int, default=10, help="loop: iterations per timed call")
+    args = parser.parse_args(argv)
+    if args.quick:
+        vars(args).update(QUICK)
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    print(machine_description(get_device(args.device)))
     for name, bench in SECTIONS.items():
         if args.only in (None, name):
             bench(args)
+
+
+if __name__ == "__main__":
+    main()
