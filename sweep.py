@@ -92,9 +92,9 @@ SWEEPS = {"frontier": Sweep(FRONTIER),
           "ablation": Sweep(ABLATION),
           "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
                              lr_for={}, base=dict(QUIET, max_iters=400, curve_points=1, eval_problems=200))}
-SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:1], lr_for={"full": FULL_LRS[:1]}, base=dict(QUIET, **flags))
-               for w, flags in SIZES.items()})  # one configuration each: the best rate at width 128 (the
-                                                # lowest of each grid), as the compute budget allows
+SCALE_RATES = {64: 2, 128: 2, 192: 1}  # rates per method; a 192-wide run costs ~5x a 64-wide one: one fit
+SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:n], lr_for={"full": FULL_LRS[::2][:n]}, base=dict(QUIET, **SIZES[w]))
+               for w, n in SCALE_RATES.items()})  # 1e-3 then 2e-3 (full: 5e-4 then 1.26e-3); 1e-3 was best at 128
 SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed
