@@ -127,14 +127,17 @@ for method in ("full", "mofo", "hft"):
 """
 
 
-def test_ddp_equals_one_process(smoke_dir, tmp_path):
-    out, _ = smoke_dir
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(out)))
+def torchrun_two(source, script):  # run `source` as 2 gloo ranks under torchrun, one thread each
+    script.write_text(source)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_ddp_equals_one_process(smoke_dir, tmp_path):
+    out, _ = smoke_dir
+    torchrun_two(DDP_SCRIPT.format(root=str(ROOT), out=str(out)), tmp_path / "ddp.py")
     for method in ("full", "mofo", "hft"):
         tt.run(replace(SMOKE, out_dir=str(out), method=method, run_name="one_" + method, max_iters=6,
                        batch_size=8, log_interval=0))
@@ -162,12 +165,7 @@ def test_fsdp_equals_ddp_and_one_process(smoke_dir, tmp_path):
     # shard, so the clip factor and the weights differ in the last bit. From one process, as DDP,
     # by the batch split's summation order (measured: <= 1.2e-7 over 20 smoke iterations).
     out, _ = smoke_dir
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT.format(root=str(ROOT), out=str(out)))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                        str(script)], capture_output=True, text=True, env=env, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    torchrun_two(FSDP_SCRIPT.format(root=str(ROOT), out=str(out)), tmp_path / "fsdp.py")
     read = lambda name: tt.read_checkpoint(str(out / f"{name}.pt"))["model"]
     assert states_equal(read("fsdp_noclip_mofo"), read("ddp_noclip_mofo"))
     tt.run(replace(SMOKE, out_dir=str(out), method="mofo", run_name="one_mofo_fsdp", max_iters=6, batch_size=8,
