@@ -17,9 +17,10 @@ a Llama-shaped decoder of about 13 M parameters, and one Llama-7B decoder layer 
 4096x4096; gate, up 11008x4096; down 4096x11008; two norms: 202 M parameters). Contenders: torch
 AdamW with foreach=False (torch's default on a CPU), foreach=True (its default on CUDA) and
 fused=True (where this torch runs it on the device), MoFO's readable reference (MoFO(fast=False):
-mofo.mofo_update_, a full torch.topk per tensor as the authors' release does) and MoFO (alpha=0.1).
+mofo.mofo_update_, a full torch.topk per tensor as the authors' release does), MoFO (alpha=0.1)
+and, on a CPU with a C compiler, MoFO(compiled=True) (steps 4-5 in C: mofo_kernel.py).
 "/ AdamW" is each one's wall time over AdamW(foreach=False)'s, "/ foreach" over AdamW(foreach=True)'s.
-The reference and MoFO compute bitwise the same step. On a 2-core CPU the 7B layer takes minutes
+The reference and both MoFOs compute bitwise the same step. On a 2-core CPU the 7B layer takes minutes
 (the reference's step alone takes seconds): --rounds_7b sets its rounds, --shapes bench skips it.
 
 hft: one training step (forward, backward, AdamW step) of HFT vs full fine-tuning, phase by phase,
@@ -145,7 +146,24 @@ def optimizer_contenders(device, alpha):
         print(f"  AdamW (fused=True) skipped: torch {torch.__version__} does not run it on {device.type}: {problem}")
     contenders["MoFO reference (topk)"] = partial(MoFO, lr=1e-4, alpha=alpha, fast=False)
     contenders[f"MoFO (alpha={alpha})"] = partial(MoFO, lr=1e-4, alpha=alpha)
+    problem = compiled_problem(device)
+    if problem is None:
+        contenders["MoFO (compiled=True)"] = partial(MoFO, lr=1e-4, alpha=alpha, compiled=True)
+    else:
+        print(f"  MoFO (compiled=True) skipped: {problem}")
     return contenders
+
+
+def compiled_problem(device):
+    """None if MoFO(compiled=True) runs its C kernel here, else why not (it is CPU-only)."""
+    if device.type != "cpu":
+        return f"its C kernel runs on the CPU, not {device.type}"
+    try:
+        import mofo_kernel
+        mofo_kernel.library()
+    except (ImportError, RuntimeError, OSError) as e:
+        return str(e).strip().splitlines()[0]
+    return None
 
 
 def bench_optimizers(title, shapes, contenders, device, rounds, warmup):
@@ -206,6 +224,9 @@ def bench_mofo(args):
         mofo, reference = ms[f"MoFO (alpha={args.alpha})"], ms["MoFO reference (topk)"]
         print(f"  targets: MoFO / AdamW(foreach=False) {mofo / ms['AdamW (foreach=False)']:.2f} (<= 1.5), "
               f"reference / MoFO {reference / mofo:.2f} (>= 2)")
+        if "MoFO (compiled=True)" in ms:
+            print(f"           MoFO(compiled=True) / AdamW(foreach=False) "
+                  f"{ms['MoFO (compiled=True)'] / ms['AdamW (foreach=False)']:.2f} (<= 1.5)")
     if args.shapes in ("llama7b-layer", "both"):
         shapes = llama_layer_shapes(args.layer_embd, args.layer_hidden)
         # parameters, gradients, two moments and temporaries (foreach's sqrt of every exp_avg_sq,

@@ -121,17 +121,18 @@ class MoFO(torch.optim.Optimizer):
     drawn from a generator seeded by `seed`, saved in state_dict so resumes are exact).
     weight_decay is decoupled as in AdamW and, as in the authors' code, shrinks every entry of
     every tensor that has a gradient, selected or not. Moments are fp32 (or p's dtype if wider).
-    fast=False runs mofo_update_ itself; it changes no bit of the result, so it is no
-    hyper-parameter and not in state_dict. last_update_fraction: after each step, the fraction of
-    all parameter entries that got an Adam update (weight decay not counted).
+    fast=False runs mofo_update_ itself; compiled=True runs steps 4-5 of float32 CPU tensors
+    in C (mofo_kernel.py, opt-in: needs a C compiler). Neither changes a bit of the result, so
+    they are no hyper-parameters and not in state_dict. last_update_fraction: after each step,
+    the fraction of all parameter entries that got an Adam update (weight decay not counted).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 alpha=0.1, filter="momentum", maximize=False, seed=0, fast=True):
+                 alpha=0.1, filter="momentum", maximize=False, seed=0, fast=True, compiled=False):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha,
                         filter=filter, maximize=maximize)
         super().__init__(params, defaults)  # validates every group through add_param_group
-        self.seed, self.fast = seed, fast
+        self.seed, self.fast, self.compiled = seed, fast, compiled
         self.generator = torch.Generator().manual_seed(seed)
         self.last_update_fraction = 0.0
 
@@ -192,6 +193,11 @@ class MoFO(torch.optim.Optimizer):
                     continue
                 # 4. Filter this block: kept = m * mask, with the mask found fast (below).
                 k = max(1, math.floor(alpha * p.numel()))
+                if self.compiled and group["filter"] == "momentum" and shard is None:
+                    count = compiled_step_(local, m, denom, k, step_size, kept)
+                    if count is not None:  # else not a float32 CPU tensor: the eager path
+                        moved += count
+                        continue
                 moved += filter_fast_(group["filter"], g, m, denom, k, self.generator, kept, scratch, shard)
                 # 5. The AdamW step with the unselected entries' momentum zeroed.
                 local.addcdiv_(kept, denom, value=-step_size)
@@ -219,7 +225,7 @@ class MoFO(torch.optim.Optimizer):
 
     def __getstate__(self):  # pickling and deepcopy keep the generator and the choice of path
         return {**super().__getstate__(), "seed": self.seed, "fast": self.fast,
-                "generator": self.generator}
+                "compiled": self.compiled, "generator": self.generator}
 
 
 # ----- The fast path: the same mask as topk_mask_reference without a full selection. On a CPU
@@ -333,6 +339,21 @@ def filter_fast_(filter, grad, exp_avg, denom, k, generator, out, scratch, shard
         torch.hardshrink(exp_avg, torch.nextafter(tau, tau.new_tensor(-math.inf)).item(), out=out)
     else:
         torch.ge(out, tau, out=out).mul_(exp_avg)
+    return count
+
+
+def compiled_step_(p, m, denom, k, step_size, out):
+    """Steps 4-5 in C (mofo_kernel.py): the tau of topk_threshold from one read of m, then
+    p.addcdiv_(m * mask, denom) in one pass, bit for bit. Returns the mask's size, or None
+    (nothing done) unless p, m and denom are contiguous float32 CPU tensors."""
+    import mofo_kernel  # opt-in: mofo.py alone needs nothing but PyTorch
+    if not mofo_kernel.compilable(p, m, denom):
+        return None
+    found = mofo_kernel.threshold_c(m, k, SAMPLE_SIZE, SAMPLE_Z, out)
+    if found is None:  # the bracket missed: the full selection
+        found = topk_threshold(torch.abs(m, out=out), k, sampled=False)
+    tau, count = found
+    mofo_kernel.apply_c(p, m, denom, tau, -step_size)
     return count
 
 

@@ -1,0 +1,167 @@
+"""MoFO(compiled=True): mofo_kernel.py's C selection and step against torch, bit for bit."""
+import math
+
+import pytest
+import torch
+
+import mofo
+import mofo_kernel
+from mofo import MoFO
+
+
+@pytest.fixture(autouse=True)
+def compiler():
+    try:
+        mofo_kernel.library()
+    except RuntimeError as e:  # said, not hidden: these tests need cc -fopenmp
+        pytest.skip(f"no C compiler with OpenMP here: {e}")
+
+
+def as_bits(x):  # torch.equal calls -0.0 and 0.0 equal; the bits tell them apart
+    return x.contiguous().view(torch.int32)
+
+
+def cases():
+    """Contiguous float32 tensors, the ones the C path takes: sampled above 4 * SAMPLE_SIZE."""
+    gen = torch.Generator().manual_seed(0)
+    n = 4 * mofo.SAMPLE_SIZE + 1
+    yield "small", torch.randn(37, 41, generator=gen)
+    yield "one element", torch.tensor([[-2.5]])
+    yield "small ties", torch.randint(-2, 3, (4 * mofo.SAMPLE_SIZE,), generator=gen).float()
+    yield "random", torch.randn(400, 250, generator=gen)
+    yield "odd size", torch.randn(n + 6, generator=gen)  # not a multiple of 8 or of 256
+    yield "many ties", torch.randint(-3, 4, (400, 250), generator=gen).float()
+    yield "ties at tau", torch.cat([torch.ones(30000), torch.randn(40000, generator=gen)])
+    yield "all zeros", torch.zeros(400, 250)
+    yield "heavy tails", (torch.randn(400, 250, generator=gen) * 10).exp()
+    yield "huge and tiny", torch.randn(400, 250, generator=gen) * 10.0 ** torch.randint(-40, 38, (400, 250), generator=gen)
+    yield "subnormals", torch.randn(n, generator=gen) * 1e-42
+    yield "sorted", torch.linspace(-1, 1, n)
+
+
+def ks(n):
+    return sorted({1, 2, n // 100, n // 10, n // 3, n // 2, n - 1, n} & set(range(1, n + 1)))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("name,x", list(cases()), ids=[c[0] for c in cases()])
+def test_threshold_c_is_the_exact_kth_largest(name, x, threads):
+    torch.set_num_threads(threads)  # 2 threads: the band's parts are moved together
+    try:
+        missed = []
+        for k in ks(x.numel()):
+            found = mofo_kernel.threshold_c(x, k, mofo.SAMPLE_SIZE, mofo.SAMPLE_Z, torch.empty_like(x))
+            if found is None:  # the caller then selects in full: slower, never wrong
+                missed.append(k)
+                continue
+            tau = torch.topk(x.abs().reshape(-1), k).values[-1]
+            assert found == (tau.item(), int((x.abs() >= tau).sum())), (name, k)
+        # A miss is rare where MoFO works (alpha <= 1/2, entries not all alike); near k = n the
+        # smallest sampled value is the bracket's lower end, and the global minimum lies below it.
+        if x.numel() <= 4 * mofo.SAMPLE_SIZE:  # all band: no bracket to miss
+            assert missed == [], (name, missed)
+        elif name not in ("many ties", "ties at tau", "all zeros"):
+            assert all(k >= x.numel() - 1 for k in missed), (name, missed)
+    finally:
+        torch.set_num_threads(2)
+
+
+def test_threshold_c_misses_when_the_bracket_has_no_width():
+    # SAMPLE_Z = 0: [lo, hi] is about one sampled value wide and misses tau most of the time;
+    # a miss must say so (None), never return a wrong tau
+    x = torch.randn(400, 250, generator=torch.Generator().manual_seed(1))
+    results = [mofo_kernel.threshold_c(x, k, mofo.SAMPLE_SIZE, 0.0, torch.empty_like(x)) for k in range(1000, 90000, 7919)]
+    assert any(r is None for r in results)
+    for k, r in zip(range(1000, 90000, 7919), results):
+        tau = torch.topk(x.abs().reshape(-1), k).values[-1]
+        assert r is None or r == (tau.item(), int((x.abs() >= tau).sum()))
+
+
+def test_apply_c_is_addcdiv_bit_for_bit():
+    gen = torch.Generator().manual_seed(2)
+    p = torch.randn(1000, 37, generator=gen)
+    p[:5] = 0.0
+    p[5:10] = -0.0  # -0 + (-0) stays -0, -0 + 0 becomes +0: the order of the operations shows
+    m = torch.randn(1000, 37, generator=gen) * 1e-3
+    m[::7] = 0.0
+    m[1::11] = 2e-3  # ties at tau
+    denom = torch.rand(1000, 37, generator=gen) + 1e-8
+    for tau in (0.0, 1e-3, 2e-3, math.inf):
+        for step in (-1e-3, -0.37, 0.5):
+            # MoFO.step's eager step 5: hardshrink keeps |m| >= tau (|m| > the float below tau)
+            kept = torch.hardshrink(m, torch.nextafter(torch.tensor(tau), torch.tensor(-math.inf)).item())
+            q = p.clone().addcdiv_(kept, denom, value=step)
+            r = p.clone()
+            mofo_kernel.apply_c(r, m, denom, tau, step)
+            assert torch.equal(as_bits(r), as_bits(q)), (tau, step)
+            # and mofo_update_'s m * mask: the same numbers (its dropped entries are zeros with
+            # m's sign, so a parameter at -0.0 may end at +0.0 there: equal, not the same bits)
+            assert torch.equal(r, p.clone().addcdiv_(m * (m.abs() >= tau), denom, value=step))
+
+
+def models_and_optimizers(compiled, **kwargs):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(250, 400), torch.nn.Tanh(), torch.nn.Linear(400, 300),
+                                torch.nn.Tanh(), torch.nn.Linear(300, 2))  # 100,000 and 120,000 entries
+    return model, MoFO(model.parameters(), compiled=compiled, **kwargs)
+
+
+@pytest.mark.parametrize("alpha,weight_decay", [(0.1, 0.0), (0.01, 0.1), (0.5, 0.0)])
+def test_compiled_optimizer_is_the_eager_one_bit_for_bit(alpha, weight_decay):
+    runs = []
+    for compiled in (False, True):
+        model, opt = models_and_optimizers(compiled, lr=1e-2, alpha=alpha, weight_decay=weight_decay)
+        fractions = []
+        for step in range(8):
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 250, generator=gen), torch.randn(16, 2, generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            if step == 3:
+                model[0].weight.grad[:50] = 0.0  # many equal |m| among the smallest
+            opt.step()
+            fractions.append(opt.last_update_fraction)
+        runs.append((model, opt, fractions))
+    (eager, eager_opt, eager_fractions), (compiled, compiled_opt, compiled_fractions) = runs
+    for p, q in zip(eager.parameters(), compiled.parameters()):
+        assert torch.equal(as_bits(p), as_bits(q))
+        assert torch.equal(eager_opt.state[p]["exp_avg"], compiled_opt.state[q]["exp_avg"])
+    assert eager_fractions == compiled_fractions
+
+
+def test_compiled_path_takes_float32_tensors_and_hands_back_the_rest(monkeypatch):
+    calls = []
+    threshold = mofo_kernel.threshold_c
+    monkeypatch.setattr(mofo_kernel, "threshold_c", lambda m, *a: calls.append(m.numel()) or threshold(m, *a))
+    monkeypatch.setattr(mofo, "SAMPLE_Z", 0.0)  # misses too: they fall back to the full selection
+    gen = torch.Generator().manual_seed(3)
+    params = {"big": torch.randn(400, 250, generator=gen), "small": torch.randn(30, 20, generator=gen),
+              "bf16": torch.randn(400, 250, generator=gen).bfloat16(),
+              "strided": torch.randn(250, 400, generator=gen).t()}
+    results = []
+    for compiled in (False, True):
+        ps = {name: torch.nn.Parameter(t.clone()) for name, t in params.items()}
+        opt = MoFO(ps.values(), lr=1e-2, alpha=0.1, compiled=compiled)
+        for step in range(3):
+            for p in ps.values():
+                p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(step)).to(p.dtype)
+            opt.step()
+        results.append(ps)
+    for name in params:
+        assert torch.equal(results[0][name].float(), results[1][name].float()), name
+    assert calls == [100000, 600] * 3  # the contiguous float32 ones went to C, in order
+
+
+def test_an_edited_kernel_is_rebuilt_and_a_missing_compiler_is_said(monkeypatch, tmp_path):
+    monkeypatch.setattr(mofo_kernel.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(mofo_kernel, "SOURCE", mofo_kernel.SOURCE + "\n/* edited */\n")
+    mofo_kernel.library.cache_clear()
+    try:
+        monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+        with pytest.raises(RuntimeError, match="C compiler"):
+            mofo_kernel.library()
+        monkeypatch.delenv("CC")
+        lib = mofo_kernel.library()
+        assert str(tmp_path) in lib._name  # built anew for the edited source, not served stale
+    finally:
+        mofo_kernel.library.cache_clear()
