@@ -77,6 +77,13 @@ def test_threshold_c_misses_when_the_bracket_has_no_width():
         assert r is None or r == (tau.item(), int((x.abs() >= tau).sum()))
 
 
+def test_threshold_c_hands_a_nan_to_torch():
+    # torch.topk ranks NaN above everything; the kernel leaves such a small tensor to it
+    x = torch.randn(1000, generator=torch.Generator().manual_seed(4))
+    x[17] = math.nan
+    assert mofo_kernel.threshold_c(x, 10, mofo.SAMPLE_SIZE, mofo.SAMPLE_Z, torch.empty_like(x)) is None
+
+
 def test_apply_c_is_addcdiv_bit_for_bit():
     gen = torch.Generator().manual_seed(2)
     p = torch.randn(1000, 37, generator=gen)
