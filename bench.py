@@ -28,7 +28,8 @@ and the size of AdamW's state.
 
 loop: ms per iteration of train_tiny's training loop (train_tiny.train with the optimizer of
 train_tiny.METHODS, as `python train_tiny.py` runs it) on nanoGPT's CPU recipe shapes, for full
-fine-tuning and MoFO.
+fine-tuning and MoFO; with --compile also both with the model torch.compile'd (train_tiny's
+--compile: fuses RMSNorm's and rotary's small ops) and MoFO(compiled=True).
 """
 import argparse
 import gc
@@ -354,13 +355,15 @@ def bench_loop(args):
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     corpus = data.build_corpus()
 
-    def make_loop(method):
+    def make_loop(method, compile=False):
         cfg = tt.Config(method=method, alpha=args.alpha, max_iters=args.iters, n_layer=4, n_head=4,
-                        n_embd=128, block_size=64, batch_size=12)
+                        n_embd=128, block_size=64, batch_size=12, compile=compile)
         torch.manual_seed(0)
         model = tt.TinyLlama(tt.model_config(cfg)).to(device)
         params, _ = tt.METHODS[method].params(model, cfg, 0)  # stage (task) 0
         optimizer = tt.METHODS[method].optimizer(params, cfg)
+        if compile and method == "mofo" and compiled_problem(device) is None:
+            optimizer.compiled = True  # and MoFO's selection in C
         rng, stage = random.Random(0), tt.stage_of(cfg)
 
         def get_batch():
@@ -368,16 +371,20 @@ def bench_loop(args):
             return [(x.to(device), y.to(device), 1.0)]
 
         # each timed call runs the loop from iteration 0 to max_iters (the schedule restarts)
-        return lambda: tt.train(model, model, optimizer, get_batch, stage, cfg.grad_clip, ctx, log_interval=0)
+        fwd = tt.wrap(model, cfg.compile, world=1)  # torch.compile'd where asked, as train_tiny does
+        return lambda: tt.train(fwd, model, optimizer, get_batch, stage, cfg.grad_clip, ctx, log_interval=0)
 
     loops = {"full (AdamW)": make_loop("full"), f"mofo (alpha={args.alpha})": make_loop("mofo")}
+    if args.compile:  # the first calls compile (tens of seconds on a CPU): the warm-up rounds take them
+        loops["full, --compile"] = make_loop("full", compile=True)
+        loops["mofo, --compile, compiled=True"] = make_loop("mofo", compile=True)
     ms, cpu = time_interleaved(loops, device, args.rounds, args.warmup)
     print(f"loop: train_tiny's training loop on nanoGPT's CPU shapes (4x128, 4 heads, context 64, batch 12), "
           f"{device.type}, {torch.get_num_threads()} threads, median of {args.rounds} rounds of {args.iters} iters "
           f"(nanoGPT: about 36 ms/iter on 2 CPU cores)")
-    print(f"  {'':22s} {'ms/iter':>9s} {'CPU ms/iter':>12s}")
+    print(f"  {'':32s} {'ms/iter':>9s} {'CPU ms/iter':>12s}")
     for name in loops:
-        print(f"  {name:22s} {ms[name] / args.iters:9.1f} {cpu[name] / args.iters:12.1f}")
+        print(f"  {name:32s} {ms[name] / args.iters:9.1f} {cpu[name] / args.iters:12.1f}")
 
 
 # -----------------------------------------------------------------------------
@@ -407,6 +414,8 @@ def parse_args(argv=None):
     parser.add_argument("--layer_embd", type=int, default=4096, help="Llama-7B layer: channels")
     parser.add_argument("--layer_hidden", type=int, default=11008, help="Llama-7B layer: gated MLP width")
     parser.add_argument("--iters", type=int, default=10, help="loop: iterations per timed call")
+    parser.add_argument("--compile", action="store_true", help="loop: also with torch.compile (train_tiny "
+                        "--compile) and MoFO(compiled=True); the warm-up rounds take the compilation")
     args = parser.parse_args(argv)
     if args.quick:
         vars(args).update(QUICK)
