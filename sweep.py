@@ -66,8 +66,8 @@ CONTINUAL = {  # add -> reverse -> sort -> count; L1 and LoRA left out (below L2
     "task-replay 10%": dict(method="full", task_replay=0.1),      # the positive control: earlier tasks' data
     "mofo+task-replay 10%": dict(method="mofo", alpha=0.05, task_replay=0.1),  # the paper's MoFO + replay
 }
-LATER_FLAGS = {"task_replay": 0.0}  # flags added after runs were cached: left out of the key at this value,
-                                    # so that a run's key (and its cached result) stays the same
+LATER_FLAGS = {"task_replay": 0.0, "compile": False}  # flags that joined the key after runs were cached:
+                                                      # left out at this value, so a run's key (and result) stays
 SIZES = {  # width (head size 32 throughout, same depth): each pre-trained to >= 95% of the facts
     64: dict(n_embd=64, n_head=2, pretrain_max_iters=5000),  # the small model learns the facts slowly
     128: dict(n_embd=128, n_head=4),  # train_tiny's default model: its runs are the frontier sweep's

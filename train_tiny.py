@@ -58,7 +58,7 @@ class Config:
     ckpt_interval: int = opt(100, "resumable checkpoint every N fine-tuning iters (0: end of task only)")
     log_interval: int = opt(50, "log loss, lr and ms/iter every N iters")
     device: str = opt("auto", "auto (cuda, then mps, then cpu) or a torch device name")
-    compile: bool = opt(False, "torch.compile the model: pays off on GPUs, not for short CPU runs")
+    compile: bool = opt(False, "torch.compile the model: pays off on GPUs; its fused kernels round apart, so cached apart")
     fsdp: bool = opt(False, "under torchrun: fine-tune with the model sharded by FSDP2 (fully_shard), not DDP")
     data_seed: int = opt(0, "seed of the world, held-out text, test problems and pre-training")
     corpus: str = opt("v2", "v2: numbers and one-digit sums in the world's prose | v1: no digits at all")
@@ -102,7 +102,7 @@ PRESETS = {  # --preset: a named starting point; flags given on the command line
 PRETRAIN_KEYS = ("data_seed", "corpus", "arith", "n_people", "filler", "n_layer", "n_head", "n_embd",
                  "block_size", "pretrain_max_iters", "pretrain_batch_size", "pretrain_lr",
                  "pretrain_warmup_iters", "pretrain_weight_decay")
-RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "compile", "fsdp")  # free on resume
+RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "fsdp")  # free on resume (compile rounds apart)
 PRETRAIN_BETAS = (0.9, 0.95)   # nanoGPT's pre-training betas
 FINETUNE_BETAS = (0.9, 0.999)  # torch's defaults, which the MoFO paper's fine-tuning uses
 LORA_ALPHA = 16.0              # LoRA's scale is LORA_ALPHA / rank: 2 at rank 8, PEFT's common lora_alpha=16
@@ -479,7 +479,8 @@ def check_same(saved, cfg, keys, path):
                          "use another --out_dir or delete it")
 
 def pretrained_path(cfg):  # one checkpoint per pre-training configuration, side by side in out_dir
-    key = sha(json.dumps({k: getattr(cfg, k) for k in PRETRAIN_KEYS}, sort_keys=True).encode())
+    what = {k: getattr(cfg, k) for k in PRETRAIN_KEYS} | ({"compile": True} if cfg.compile else {})
+    key = sha(json.dumps(what, sort_keys=True).encode())  # (compile in the key only when on: the eager names stay)
     return os.path.join(cfg.out_dir, f"pretrained-{key}.pt")
 
 def load_or_pretrain(cfg, corpus, device, ctx, rank, world):

@@ -96,6 +96,15 @@ def test_every_method_gets_the_same_number_of_configurations():
     assert not {key for *_, key, _ in runs} & {key for *_, key, _ in longer}  # the key follows the config
 
 
+def test_committed_results_keep_their_keys_and_compile_gets_its_own():
+    for name in ("frontier", "scale64", "scale128", "scale192", "continual"):  # the keys of the runs in results/ are today's
+        committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]
+        assert set(committed) == {key for *_, key, _ in sweep.configs(sweep.SWEEPS[name])}, name
+    s = sweep.SWEEPS["frontier"]
+    compiled = sweep.configs(replace(s, base={**s.base, "compile": True}))  # torch.compile rounds apart:
+    assert not {key for *_, key, _ in compiled} & {key for *_, key, _ in sweep.configs(s)}  # never served eager
+
+
 def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
     s = replace(sweep.smoke(sweep.SWEEPS["frontier"]), methods={k: sweep.FRONTIER[k] for k in ("full", "mofo alpha=0.1")},
                 lrs=(1e-3, 2e-3))

@@ -259,6 +259,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
         "corrupt": (["--preset", "smoke", "--out_dir", str(corrupt)], "cannot read checkpoint"),
         "corpus": (smoke + ["--corpus", "v3"], "--corpus"),
         "mismatch": (smoke + ["--method", "full", "--run_name", "full", "--resume", "--lr", "0.01"], "lr=0.002"),
+        "compile": (smoke + ["--method", "full", "--run_name", "full", "--resume", "--compile"], "compile=False"),
         "resume": (smoke + ["--run_name", "never_ran", "--resume"], "no checkpoint"),
         "fsdp": (smoke + ["--method", "lora", "--fsdp"], "--fsdp"),
         "nan": (smoke + ["--run_name", "nan", "--lr", "1e30", "--ckpt_interval", "1"], "loss is nan"),
@@ -391,3 +392,4 @@ def test_a_stale_pretrained_checkpoint_is_trained_again_and_says_why(smoke_dir, 
     assert states_equal(again["model"], good["model"])  # same corpus and code: the same weights again
     tt.load_or_pretrain(cfg, corpus, "cpu", tt.nullcontext(), 0, 1)
     assert "pre-training" not in capsys.readouterr().out  # now it is served
+    assert tt.pretrained_path(replace(cfg, compile=True)) != path  # compiled pre-training rounds apart: its own file
