@@ -28,8 +28,11 @@ and the size of AdamW's state.
 
 loop: ms per iteration of train_tiny's training loop (train_tiny.train with the optimizer of
 train_tiny.METHODS, as `python train_tiny.py` runs it) on nanoGPT's CPU recipe shapes, for full
-fine-tuning and MoFO; with --compile also both with the model torch.compile'd (train_tiny's
---compile: fuses RMSNorm's and rotary's small ops) and MoFO(compiled=True).
+fine-tuning and MoFO, against the same loop driving nanoGPT's architecture (GPT2 below: LayerNorm,
+learned positions, one qkv matrix, GELU) at the same shapes and on the same data, and against our
+model with LayerNorm in place of RMSNorm (what the norm costs); with --compile also ours with the
+model torch.compile'd (train_tiny's --compile: fuses RMSNorm's and rotary's small ops) and
+MoFO(compiled=True).
 """
 import argparse
 import gc
@@ -42,6 +45,8 @@ import time
 from functools import partial
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from mofo import MoFO
 
@@ -339,12 +344,42 @@ def bench_hft(args):
 # -----------------------------------------------------------------------------
 # loop: training loop ms/iter
 
+class GPT2(nn.Module):
+    """nanoGPT's architecture (GPT-2 blocks; bias=False, dropout 0 as its CPU recipe), the loop's
+    yardstick: LayerNorm (one kernel forward, one backward), learned positions, one qkv matrix, a
+    GELU MLP of width 4·C and the head tied to the embedding. Forward (idx, targets) -> (logits, loss)."""
+
+    def __init__(self, vocab_size, n_layer, n_head, n_embd, block_size):
+        super().__init__()
+        self.n_head = n_head
+        self.wte, self.wpe = nn.Embedding(vocab_size, n_embd), nn.Embedding(block_size, n_embd)
+        self.h = nn.ModuleList(nn.ModuleDict(dict(
+            ln_1=nn.LayerNorm(n_embd, bias=False), c_attn=nn.Linear(n_embd, 3 * n_embd, bias=False),
+            attn_proj=nn.Linear(n_embd, n_embd, bias=False), ln_2=nn.LayerNorm(n_embd, bias=False),
+            c_fc=nn.Linear(n_embd, 4 * n_embd, bias=False), mlp_proj=nn.Linear(4 * n_embd, n_embd, bias=False)))
+            for _ in range(n_layer))
+        self.ln_f = nn.LayerNorm(n_embd, bias=False)
+        self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied, as GPT-2
+
+    def forward(self, idx, targets):
+        B, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        for b in self.h:
+            q, k, v = (t.view(B, T, self.n_head, -1).transpose(1, 2) for t in b.c_attn(b.ln_1(x)).chunk(3, dim=-1))
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + b.attn_proj(y.transpose(1, 2).reshape(B, T, -1))
+            x = x + b.mlp_proj(F.gelu(b.c_fc(b.ln_2(x))))
+        logits = self.lm_head(self.ln_f(x))
+        return logits, F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
 def bench_loop(args):
     """ms per iteration of train_tiny's training loop (batch, forward, backward, clip, step) on
-    nanoGPT's CPU recipe shapes: 4 layers, 4 heads, 128 channels, context 64, batch 12, where
-    nanoGPT's own loop measured about 36 ms/iter on 2-core CPU machines. Everything but those
-    shapes and the number of iterations is train_tiny's default Config, and the parameters and
-    optimizer come from its METHODS table, as `python train_tiny.py --method ...` gets them."""
+    nanoGPT's CPU recipe shapes: 4 layers, 4 heads, 128 channels, context 64, batch 12. Everything
+    but those shapes and the number of iterations is train_tiny's default Config, and the parameters
+    and optimizer come from its METHODS table, as `python train_tiny.py --method ...` gets them.
+    The yardstick, "/ GPT-2", is the same loop, data and AdamW driving nanoGPT's architecture."""
     import random
     from contextlib import nullcontext
 
@@ -355,11 +390,18 @@ def bench_loop(args):
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     corpus = data.build_corpus()
 
-    def make_loop(method, compile=False):
+    def make_loop(method, model="llama", compile=False):
         cfg = tt.Config(method=method, alpha=args.alpha, max_iters=args.iters, n_layer=4, n_head=4,
                         n_embd=128, block_size=64, batch_size=12, compile=compile)
         torch.manual_seed(0)
-        model = tt.TinyLlama(tt.model_config(cfg)).to(device)
+        if model == "gpt2":
+            model = GPT2(len(data.VOCAB), cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size).to(device)
+        else:
+            model, norm = tt.TinyLlama(tt.model_config(cfg)).to(device), model
+            for owner in (*model.model.layers, model.model) if norm == "layernorm" else ():
+                for name, child in owner.named_children():  # RMSNorm -> LayerNorm, same width, no bias
+                    if isinstance(child, nn.RMSNorm):
+                        setattr(owner, name, nn.LayerNorm(cfg.n_embd, bias=False).to(device))
         params, _ = tt.METHODS[method].params(model, cfg, 0)  # stage (task) 0
         optimizer = tt.METHODS[method].optimizer(params, cfg)
         if compile and method == "mofo" and compiled_problem(device) is None:
@@ -374,17 +416,19 @@ def bench_loop(args):
         fwd = tt.wrap(model, cfg.compile, world=1)  # torch.compile'd where asked, as train_tiny does
         return lambda: tt.train(fwd, model, optimizer, get_batch, stage, cfg.grad_clip, ctx, log_interval=0)
 
-    loops = {"full (AdamW)": make_loop("full"), f"mofo (alpha={args.alpha})": make_loop("mofo")}
+    loops = {"GPT-2 (nanoGPT's architecture)": make_loop("full", "gpt2"), "full (AdamW)": make_loop("full"),
+             "full, LayerNorm for RMSNorm": make_loop("full", "layernorm"),
+             f"mofo (alpha={args.alpha})": make_loop("mofo")}
     if args.compile:  # the first calls compile (tens of seconds on a CPU): the warm-up rounds take them
         loops["full, --compile"] = make_loop("full", compile=True)
         loops["mofo, --compile, compiled=True"] = make_loop("mofo", compile=True)
     ms, cpu = time_interleaved(loops, device, args.rounds, args.warmup)
+    yardstick = ms["GPT-2 (nanoGPT's architecture)"]
     print(f"loop: train_tiny's training loop on nanoGPT's CPU shapes (4x128, 4 heads, context 64, batch 12), "
-          f"{device.type}, {torch.get_num_threads()} threads, median of {args.rounds} rounds of {args.iters} iters "
-          f"(nanoGPT: about 36 ms/iter on 2 CPU cores)")
-    print(f"  {'':32s} {'ms/iter':>9s} {'CPU ms/iter':>12s}")
+          f"{device.type}, {torch.get_num_threads()} threads, median of {args.rounds} rounds of {args.iters} iters")
+    print(f"  {'':32s} {'ms/iter':>9s} {'CPU ms/iter':>12s} {'/ GPT-2':>8s}")
     for name in loops:
-        print(f"  {name:32s} {ms[name] / args.iters:9.1f} {cpu[name] / args.iters:12.1f}")
+        print(f"  {name:32s} {ms[name] / args.iters:9.1f} {cpu[name] / args.iters:12.1f} {ms[name] / yardstick:8.2f}")
 
 
 # -----------------------------------------------------------------------------

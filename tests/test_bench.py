@@ -22,6 +22,26 @@ def test_llama_shapes_count_llama_7b():
     assert count(bench.llama_shapes(32, 4096, 11008, 32000)) == 6_738_415_616
 
 
+def test_gpt2_yardstick_has_nanogpts_parameters():
+    """The loop's yardstick has nanoGPT's shapes at its CPU recipe (65 characters, 4 layers of 128,
+    context 64): 12·L·C² in the blocks, the tied embedding/head V·C, positions T·C and 2L+1
+    LayerNorm weights C = 804,096 (nanoGPT prints 0.80M, positions left out); and it trains."""
+    torch.manual_seed(0)
+    model = bench.GPT2(65, 4, 4, 128, 64)
+    assert sum(p.numel() for p in model.parameters()) == 12 * 4 * 128**2 + 65 * 128 + 64 * 128 + 9 * 128
+    assert model.lm_head.weight is model.wte.weight
+    idx = torch.randint(65, (2, 64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):  # one batch, learned by heart: the loss must fall
+        logits, loss = model(idx[:, :-1], idx[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert logits.shape == (2, 63, 65) and losses[-1] < 0.5 * losses[0]
+
+
 def test_quick_runs_every_section(capsys):
     threads = torch.get_num_threads()
     try:
@@ -40,7 +60,8 @@ def test_quick_runs_every_section(capsys):
     # hft and loop
     for row in ["hft: one training step", "  forward ms", "  backward ms", "  optimizer ms", "  step ms",
                 "  step CPU ms", "  AdamW state MB", "  matmul-only estimate",
-                "loop: train_tiny's training loop", "  full (AdamW)", "  mofo (alpha=0.1)"]:
+                "loop: train_tiny's training loop", "  GPT-2 (nanoGPT's architecture)", "  full (AdamW)",
+                "  full, LayerNorm for RMSNorm", "  mofo (alpha=0.1)"]:
         assert row in out, row
     numbers = "\n".join(out.splitlines()[1:])  # the machine line is free text
     assert not re.search(r"\b(nan|inf)\b", numbers)
