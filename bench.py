@@ -30,9 +30,9 @@ loop: ms per iteration of train_tiny's training loop (train_tiny.train with the 
 train_tiny.METHODS, as `python train_tiny.py` runs it) on nanoGPT's CPU recipe shapes, for full
 fine-tuning and MoFO, against the same loop driving nanoGPT's architecture (GPT2 below: LayerNorm,
 learned positions, one qkv matrix, GELU) at the same shapes and on the same data, and against our
-model with LayerNorm in place of RMSNorm (what the norm costs); with --compile also ours with the
-model torch.compile'd (train_tiny's --compile: fuses RMSNorm's and rotary's small ops) and
-MoFO(compiled=True).
+model with LayerNorm in place of RMSNorm (what the norm costs); with --compile also GPT-2 and ours
+with the model torch.compile'd (train_tiny's --compile: fuses RMSNorm's and rotary's small ops), MoFO
+with MoFO(compiled=True) besides.
 """
 import argparse
 import gc
@@ -420,6 +420,7 @@ def bench_loop(args):
              "full, LayerNorm for RMSNorm": make_loop("full", "layernorm"),
              f"mofo (alpha={args.alpha})": make_loop("mofo")}
     if args.compile:  # the first calls compile (tens of seconds on a CPU): the warm-up rounds take them
+        loops["GPT-2, --compile"] = make_loop("full", "gpt2", compile=True)
         loops["full, --compile"] = make_loop("full", compile=True)
         loops["mofo, --compile, compiled=True"] = make_loop("mofo", compile=True)
     ms, cpu = time_interleaved(loops, device, args.rounds, args.warmup)
