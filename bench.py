@@ -390,15 +390,15 @@ def bench_loop(args):
     ctx = torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
     corpus = data.build_corpus()
 
-    def make_loop(method, model="llama", compile=False):
+    def make_loop(method, arch="llama", compile=False):  # arch: llama | layernorm (llama's norms so) | gpt2
         cfg = tt.Config(method=method, alpha=args.alpha, max_iters=args.iters, n_layer=4, n_head=4,
                         n_embd=128, block_size=64, batch_size=12, compile=compile)
         torch.manual_seed(0)
-        if model == "gpt2":
+        if arch == "gpt2":
             model = GPT2(len(data.VOCAB), cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size).to(device)
         else:
-            model, norm = tt.TinyLlama(tt.model_config(cfg)).to(device), model
-            for owner in (*model.model.layers, model.model) if norm == "layernorm" else ():
+            model = tt.TinyLlama(tt.model_config(cfg)).to(device)
+            for owner in (*model.model.layers, model.model) if arch == "layernorm" else ():
                 for name, child in owner.named_children():  # RMSNorm -> LayerNorm, same width, no bias
                     if isinstance(child, nn.RMSNorm):
                         setattr(owner, name, nn.LayerNorm(cfg.n_embd, bias=False).to(device))
