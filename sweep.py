@@ -76,7 +76,8 @@ SIZES = {  # width (head size 32 throughout, same depth): each pre-trained to >=
 SCALE = {"full": dict(method="full"),  # each family at its best knob on the 128-wide frontier
          **knob("mofo", "mofo", "alpha", (0.05,)), **knob("hft", "hft", "hft_ratio", (0.25,)),
          **knob("l2", "l2", "reg", (1e-2,))}
-QUIET = dict(log_interval=10**9, ckpt_interval=0)  # sweeps keep each run's JSON, not its checkpoints
+QUIET = dict(log_interval=10**9, ckpt_interval=0,  # sweeps keep each run's JSON, not its checkpoints,
+             device="cpu")  # and run where pretrain_first does: a GPU's bf16 autocast rounds apart, same key
 
 @dataclass
 class Sweep:

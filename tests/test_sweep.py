@@ -101,6 +101,7 @@ def test_committed_results_keep_their_keys_and_compile_gets_its_own():
         committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]
         assert set(committed) == {key for *_, key, _ in sweep.configs(sweep.SWEEPS[name])}, name
     s = sweep.SWEEPS["frontier"]
+    assert {cfg.device for *_, cfg in sweep.configs(s)} == {"cpu"}  # on any machine: not under a GPU's autocast
     compiled = sweep.configs(replace(s, base={**s.base, "compile": True}))  # torch.compile rounds apart:
     assert not {key for *_, key, _ in compiled} & {key for *_, key, _ in sweep.configs(s)}  # never served eager
 
