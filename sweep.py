@@ -77,7 +77,7 @@ SCALE = {"full": dict(method="full"),  # each family at its best knob on the 128
          **knob("mofo", "mofo", "alpha", (0.05,)), **knob("hft", "hft", "hft_ratio", (0.25,)),
          **knob("l2", "l2", "reg", (1e-2,))}
 QUIET = dict(log_interval=10**9, ckpt_interval=0,  # sweeps keep each run's JSON, not its checkpoints,
-             device="cpu")  # and run where pretrain_first does: a GPU's bf16 autocast rounds apart, same key
+             device="cpu")  # and pre-train and fine-tune on the CPU: a GPU's bf16 autocast rounds apart, same key
 
 @dataclass
 class Sweep:
@@ -170,7 +170,7 @@ def finished(todo, workers):
 def pretrain_first(runs):  # here, before the workers start, so that they do not all pre-train it
     for cfg in {tt.pretrained_path(r[4]): r[4] for r in runs}.values():
         corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
-        tt.load_or_pretrain(cfg, corpus, "cpu", nullcontext(), 0, 1)
+        tt.load_or_pretrain(cfg, corpus, cfg.device, nullcontext(), 0, 1)  # the sweep's device: the CPU
 
 def run_sweep(sweep, out_dir=None, workers=2, echo=print):
     """Run what the cache lacks or what changed code made stale; return ({key: metrics}, #computed)."""
