@@ -416,7 +416,8 @@ def bench_loop(args):
         fwd = tt.wrap(model, cfg.compile, world=1)  # torch.compile'd where asked, as train_tiny does
         return lambda: tt.train(fwd, model, optimizer, get_batch, stage, cfg.grad_clip, ctx, log_interval=0)
 
-    loops = {"GPT-2 (nanoGPT's architecture)": make_loop("full", "gpt2"), "full (AdamW)": make_loop("full"),
+    yardstick = "GPT-2 (nanoGPT's architecture)"
+    loops = {yardstick: make_loop("full", "gpt2"), "full (AdamW)": make_loop("full"),
              "full, LayerNorm for RMSNorm": make_loop("full", "layernorm"),
              f"mofo (alpha={args.alpha})": make_loop("mofo")}
     if args.compile:  # the first calls compile (tens of seconds on a CPU): the warm-up rounds take them
@@ -424,12 +425,11 @@ def bench_loop(args):
         loops["full, --compile"] = make_loop("full", compile=True)
         loops["mofo, --compile, compiled=True"] = make_loop("mofo", compile=True)
     ms, cpu = time_interleaved(loops, device, args.rounds, args.warmup)
-    yardstick = ms["GPT-2 (nanoGPT's architecture)"]
     print(f"loop: train_tiny's training loop on nanoGPT's CPU shapes (4x128, 4 heads, context 64, batch 12), "
           f"{device.type}, {torch.get_num_threads()} threads, median of {args.rounds} rounds of {args.iters} iters")
     print(f"  {'':32s} {'ms/iter':>9s} {'CPU ms/iter':>12s} {'/ GPT-2':>8s}")
     for name in loops:
-        print(f"  {name:32s} {ms[name] / args.iters:9.1f} {cpu[name] / args.iters:12.1f} {ms[name] / yardstick:8.2f}")
+        print(f"  {name:32s} {ms[name] / args.iters:9.1f} {cpu[name] / args.iters:12.1f} {ms[name] / ms[yardstick]:8.2f}")
 
 
 # -----------------------------------------------------------------------------
