@@ -58,6 +58,8 @@ LRS = (1e-3, 2e-3)  # the knob methods' rates: their own knob already trades lea
 FULL_LRS = tuple(5e-4 * 4 ** (k / 3) for k in range(4))  # 5e-4 ... 2e-3, a factor 1.59 apart: 4 rates
 ABLATION = {f"mofo α=0.1 {f}": dict(method="mofo", alpha=0.1, filter=f)
             for f in ("momentum", "gradient", "update", "random")}
+ALPHAS = {**knob("mofo", "mofo", "alpha", (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)),  # α = 1 is AdamW, bitwise,
+          "full": dict(method="full")}                                            # so it equals this run
 CONTINUAL = {  # add -> reverse -> sort -> count; L1 and LoRA left out (below L2 and full on the frontier)
     "full": dict(method="full"),
     **knob("mofo", "mofo", "alpha", (0.05,)),                     # the paper's α for continual tuning
@@ -91,6 +93,7 @@ class Sweep:
 SWEEPS = {"frontier": Sweep(FRONTIER),
           "v1": Sweep(FRONTIER, base=dict(QUIET, corpus="v1")),  # what changed with the corpus
           "ablation": Sweep(ABLATION),
+          "alpha": Sweep(ALPHAS, lrs=(1e-3,), lr_for={}),
           "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
                              lr_for={}, base=dict(QUIET, max_iters=400, curve_points=1, eval_problems=200))}
 SCALE_RATES = {64: 2, 128: 2, 192: 1}  # rates per method; a 192-wide run costs ~5x a 64-wide one: one fit
@@ -101,6 +104,18 @@ SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed
     return replace(sweep, lrs=sweep.lrs[-1:], lr_for={}, seeds=sweep.seeds[:1], base={
         **{k: v for k, v in sweep.base.items() if k not in SMOKE}, **SMOKE})  # e.g. corpus="v1" stays
+
+def quick(flags):
+    """--preset quick: a student's method (train_tiny flags, e.g. method="mofo", filter="random")
+    against full fine-tuning and MoFO's default, at the knob methods' two rates, seed 0, on the shipped
+    pre-trained model: 4-6 runs, minutes on 2 cores. Its label is "yours ..." where it would share a
+    family with a baseline, so that it gets a frontier of its own."""
+    methods = {"full": dict(method="full"), "mofo alpha=0.1": dict(method="mofo", alpha=0.1)}
+    flags = {"method": "mofo", **flags}
+    if flags not in (*methods.values(), {"method": "mofo"}):  # not one of the baselines again
+        name = tt.label(asdict(replace(tt.Config(), **flags)))
+        methods[("yours " if family(name) in ("full", "mofo") else "") + name] = flags
+    return Sweep(methods, lr_for={}, seeds=(0,))
 
 def family(label):  # "mofo alpha=0.1" -> "mofo": the frontier is drawn per family
     return label.split(" ")[0]
@@ -376,7 +391,8 @@ def sweep_tasks(sweep):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", choices=sorted(SWEEPS), default="frontier", help="which sweep (default: frontier)")
-    p.add_argument("--preset", choices=["smoke"], help="smoke: a toy model, one rate, one seed (seconds)")
+    p.add_argument("--preset", choices=["smoke", "quick"], help="smoke: a toy model, one rate, one seed (seconds); "
+                   "quick: your method (--method and its train_tiny flags) against full and MoFO, seed 0 (minutes)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (default: 2)")
     p.add_argument("--out_dir", default=None, help="where the pre-trained checkpoints and sweep/ live "
                                                    "(default: out, out/smoke)")
@@ -384,9 +400,18 @@ def main(argv=None):
                    "reproduce exactly, re-stamp the cache with the new code's fingerprint")
     p.add_argument("--export", action="store_true", help="write results/<sweep>.json for the notebooks from "
                    "the cache (its finished seeds; computes nothing)")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
+    if rest and args.preset != "quick":
+        p.error(f"unrecognized arguments: {' '.join(rest)} (train_tiny flags go with --preset quick)")
+    if args.preset == "quick":
+        try:
+            given = asdict(tt.parse_args(rest))
+        except ValueError as e:
+            p.error(str(e))
+        flags = {k: v for k, v in given.items() if v != getattr(tt.Config(), k) and k not in tt.RUNTIME_KEYS}
+        return quick_main(quick(flags), args)
     sweep = smoke(SWEEPS[args.sweep]) if args.preset else SWEEPS[args.sweep]
     if args.revalidate:
         return 0 if revalidate(sweep, args.out_dir, workers=args.workers) else 1
@@ -409,6 +434,35 @@ def main(argv=None):
     else:
         print(table(summary(sweep, results, args.out_dir)))
     return 0
+
+def quick_main(sweep, args):
+    t0 = time.time()
+    results, computed = run_sweep(sweep, args.out_dir, args.workers)
+    rows = summary(sweep, results, args.out_dir)
+    print(f"\nquick sweep: {len(results)} runs ({computed} computed) in {time.time() - t0:.0f} s; one seed, so "
+          "differences of a few points are noise (results/README.md gives the full sweep's seed spread)\n")
+    print(table(rows))
+    path = Path(args.out_dir or "out", "quick.png")
+    plot_fronts(rows, curves(sweep, results, args.out_dir), path)
+    print(f"\nfigure {path}")
+    return 0
+
+def plot_fronts(rows, runs, path):
+    """Each family's envelope (seed 0) over its runs' curve points, which are drawn faintly beneath."""
+    from matplotlib.figure import Figure  # no pyplot: nothing to show, no backend to pick
+    fig = Figure(figsize=(6, 4.5), dpi=100, layout="constrained")
+    ax = fig.subplots()
+    for fam, r in rows.items():
+        seed = min(r["fronts"])
+        xs, ys = zip(*r["fronts"][seed])
+        line, = ax.step(xs, ys, where="post", lw=2, label=f"{fam} ({r['n_configs']} configurations)")
+        pts = [xy_of(p) for _, _, c in runs[fam][seed] for p in c]
+        ax.scatter(*zip(*pts), s=8, alpha=0.3, color=line.get_color())
+    ax.set(xlabel="task accuracy", ylabel="facts kept (multiple choice)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
+           title="frontiers along training: upper right is better")
+    ax.legend(fontsize=8, loc="lower left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, metadata={"Software": None})
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,11 +20,13 @@ the pre-trained checkpoint one of its corpus and model code: a cache never outli
     torchrun --nproc_per_node=2 train_tiny.py --method mofo --fsdp   # weights sharded (FSDP2), not DDP
 """
 import argparse
+import concurrent.futures as cf
 import functools
 import hashlib
 import inspect
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
@@ -76,11 +78,13 @@ class Config:
     pretrain_weight_decay: float = opt(0.1, "pre-training AdamW decay on matrices")
     grad_clip: float = opt(1.0, "clip the global gradient norm (0: off)")
     method: str = opt("mofo", "full | mofo | hft | l1 | l2 | lora (the METHODS table)")
+    compare: str = opt("full", "the baseline fine-tuned beside --method (same model, data, seed, rate), or none")
     tasks: str = opt("add", "comma-separated sequence of add, reverse, sort, count (continual)")
     seed: int = opt(0, "fine-tuning seed: data order, HFT draw, LoRA init, MoFO random filter")
     max_iters: int = opt(1000, "fine-tuning steps per task: past the addition's learning transition")
     batch_size: int = opt(64, "problems per step (global: split across DDP ranks)")
-    lr: float = opt(2e-3, "fine-tuning peak learning rate: the main knob for every method")
+    lr: float = opt(1e-3, "fine-tuning peak rate, the main knob for every method; 1e-3: where the committed "
+                    "frontier's MoFO learns the task and keeps most facts (at 2e-3 every method erases them)")
     warmup_iters: int = opt(20, "linear warm-up: the first large Adam steps do most forgetting")
     weight_decay: float = opt(0.0, "fine-tuning decoupled decay (0, as in the MoFO paper)")
     alpha: float = opt(0.1, "MoFO: fraction of each tensor updated per step, in (0, 1]")
@@ -102,13 +106,15 @@ PRESETS = {  # --preset: a named starting point; flags given on the command line
 PRETRAIN_KEYS = ("data_seed", "corpus", "arith", "n_people", "filler", "n_layer", "n_head", "n_embd",
                  "block_size", "pretrain_max_iters", "pretrain_batch_size", "pretrain_lr",
                  "pretrain_warmup_iters", "pretrain_weight_decay")
-RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "fsdp")  # free on resume (compile rounds apart)
+RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "fsdp", "compare")  # free on resume
+                                                                                      # (compile rounds apart)
 PRETRAIN_BETAS = (0.9, 0.95)   # nanoGPT's pre-training betas
 FINETUNE_BETAS = (0.9, 0.999)  # torch's defaults, which the MoFO paper's fine-tuning uses
 LORA_ALPHA = 16.0              # LoRA's scale is LORA_ALPHA / rank: 2 at rank 8, PEFT's common lora_alpha=16
 REPLAY_CONTEXT_DIVISOR = 2     # replayed text windows are half the pre-training context (loss is a per-row mean)
 CURVE_PROBES = 100             # probes scored along the way (of 600): ~3 s per point on one CPU thread
 CURVE_PROBLEMS = 200           # test problems scored along the way (all eval_problems at the end)
+SHIPPED = Path(__file__).resolve().parent / "results"  # where the default pre-trained checkpoint is committed
 SOURCES = ("train_tiny.py", "data.py", "mofo.py", "hft.py")  # the files whose text decides a run's numbers
 
 @dataclass(frozen=True)
@@ -298,15 +304,21 @@ class Method:
     optimizer: object          # (params, cfg) -> a torch.optim.Optimizer
     pull: object = None        # Δ = θ − θ0 -> the gradient of a penalty toward θ0, added times λ
     reg: float = 0.0           # the penalty's default λ (tuned on the v1 frontier)
+    knob: str = ""             # the Config field that is this method's own knob (named in tables and plots)
 
 METHODS = {  # adding a method is one entry (and one sweep label): e.g. "mofo_l2": Method(all_params, mofo, l2_pull, 1e-2)
     "full": Method(all_params, adamw),
-    "mofo": Method(all_params, mofo),
-    "hft": Method(hft_half, adamw),
-    "l1": Method(all_params, adamw, l1_pull, reg=1e-4),
-    "l2": Method(all_params, adamw, l2_pull, reg=1e-2),
-    "lora": Method(lora_params, adamw),
+    "mofo": Method(all_params, mofo, knob="alpha"),
+    "hft": Method(hft_half, adamw, knob="hft_ratio"),
+    "l1": Method(all_params, adamw, l1_pull, reg=1e-4, knob="reg"),
+    "l2": Method(all_params, adamw, l2_pull, reg=1e-2, knob="reg"),
+    "lora": Method(lora_params, adamw, knob="rank"),
 }
+
+def label(config):  # "mofo alpha=0.1" from a run's config (a dict): the method and its own knob
+    knob = METHODS[config["method"]].knob
+    extra = f" filter={config['filter']}" if config["method"] == "mofo" and config["filter"] != "momentum" else ""
+    return config["method"] + (f" {knob}={config[knob]:g}" if knob else "") + extra
 
 def end_stage(model):  # LoRA's W0 + (α/r)·BA becomes the plain weight (same name); all trainable again
     for module in model.modules():
@@ -376,6 +388,14 @@ def train(fwd, model, optimizer, get_batch, stage, grad_clip, ctx, start=0, afte
 def log(msg):  # rank 0 speaks for all
     if int(os.environ.get("RANK", 0)) == 0:
         print(msg, flush=True)
+
+def pick_device(name):  # auto: cuda, then mps, then cpu
+    if name != "auto":
+        return name
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+
+def autocast(device):  # bf16 autocast on CUDA; float32 elsewhere
+    return torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
 
 def setup_distributed(device):
     """(rank, world, device). Under torchrun: one process per rank, gloo on CPU, nccl on GPU."""
@@ -483,16 +503,22 @@ def pretrained_path(cfg):  # one checkpoint per pre-training configuration, side
     key = sha(json.dumps(what, sort_keys=True).encode())  # (compile in the key only when on: the eager names stay)
     return os.path.join(cfg.out_dir, f"pretrained-{key}.pt")
 
+def shipped_path(cfg):  # the repository ships the default model's checkpoint: a fresh clone fine-tunes at once
+    return str(SHIPPED / os.path.basename(pretrained_path(cfg)))
+
 def load_or_pretrain(cfg, corpus, device, ctx, rank, world):
-    """The pre-trained checkpoint of cfg's world and model; trained first if missing, and again
-    (saying why) if the corpus or the model/loop code changed since it was trained."""
+    """The pre-trained checkpoint of cfg's world and model: out_dir's, else the shipped one; trained
+    first if neither exists, and again (saying why) if the corpus or the model/loop code changed
+    since it was trained."""
     path, want, why = pretrained_path(cfg), pretrain_fingerprint(corpus), "none yet"
-    if os.path.exists(path):
-        ckpt = read_pretrained(path, os.stat(path).st_mtime_ns)
-        stale = changed(ckpt.get("fingerprint", {}), want)
-        if not stale:
-            return ckpt
-        why = f"the {' and the '.join(stale)} changed since it was trained"
+    for where in (path, shipped_path(cfg)):
+        if os.path.exists(where):
+            ckpt = read_pretrained(where, os.stat(where).st_mtime_ns)
+            stale = changed(ckpt.get("fingerprint", {}), want)
+            if not stale:
+                return ckpt
+            if why == "none yet":  # say why of the first one found
+                why = f"the {' and the '.join(stale)} changed since {where} was trained"
     log(f"pre-trained checkpoint {path}: {why}; pre-training ({cfg.pretrain_max_iters} iters)")
     ckpt = {**pretrain(cfg, corpus, device, ctx, rank, world), "fingerprint": want}
     if rank == 0:
@@ -506,6 +532,7 @@ def check_config(cfg, world=1):
             "max_iters", "batch_size", "eval_problems", "rank", "curve_points")
     checks = [
         (cfg.method in METHODS, f"--method must be one of {', '.join(METHODS)}, got {cfg.method!r}"),
+        (cfg.compare in (*METHODS, "none"), f"--compare must be none or one of {', '.join(METHODS)}, got {cfg.compare!r}"),
         (set(cfg.tasks.split(",")) <= set(TASKS), f"--tasks: unknown task in {cfg.tasks!r}, choose from {TASKS}"),
         (0 < cfg.alpha <= 1, f"--alpha must be in (0, 1], got {cfg.alpha}"),
         (cfg.filter in FILTERS, f"--filter must be one of {', '.join(FILTERS)}, got {cfg.filter!r}"),
@@ -530,10 +557,9 @@ def run(cfg: Config) -> dict:
     """Pre-train if needed, fine-tune on cfg.tasks in turn, evaluate: the metrics of <run_name>.json."""
     t_start = time.time()
     check_config(cfg)
-    auto = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    rank, world, device = setup_distributed(auto if cfg.device == "auto" else cfg.device)
+    rank, world, device = setup_distributed(pick_device(cfg.device))
     check_config(cfg, world)
-    ctx = torch.autocast("cuda", torch.bfloat16) if device.startswith("cuda") else nullcontext()
+    ctx = autocast(device)
     method = METHODS[cfg.method]
     cfg = replace(cfg, reg=method.reg if cfg.reg == -1 else cfg.reg)
     name, tasks = cfg.run_name or cfg.method, cfg.tasks.split(",")
@@ -598,6 +624,8 @@ def run(cfg: Config) -> dict:
         for t in tasks:
             point[f"{t}_acc"], point[f"{t}_loss"] = task_scores(model, tests[t][:CURVE_PROBLEMS], device)
         state["curve"] = state["curve"] + [point]
+        log(f"{cfg.method} {tasks[stage]} step {it}: task accuracy {point[f'{tasks[stage]}_acc']:.1%}, "
+            f"facts {point['fact_mc']:.1%}, held-out loss {point['heldout_loss']:.3f}")
 
     if resume is not None and resume["iter_num"] == 0:  # saved at a task boundary: merged weights
         resume = restore(None)
@@ -623,7 +651,6 @@ def run(cfg: Config) -> dict:
     metrics["wall_s"] = time.time() - t_start  # evaluation (and pre-training, if it ran) included
     if rank == 0:
         Path(cfg.out_dir, f"{name}.json").write_text(json.dumps(metrics, indent=1))
-        print_table(metrics)
     return metrics
 
 def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
@@ -647,20 +674,60 @@ def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
     m["heldout_loss_rise"] = after["heldout_loss"] - before["heldout_loss"]
     return m
 
-def print_table(m):
-    def row(label, a, b, percent=True):
-        print(f"{label:28s}{a:8.1%} {b:8.1%} {100 * (b - a):+8.1f}" if percent else
-              f"{label:28s}{a:8.3f} {b:8.3f} {b - a:+8.3f}")
-    print(f"\n{m['method'] + ' on ' + ','.join(m['tasks']):28s}  before    after   change")
-    for t, a0, a1 in zip(m["tasks"], m["R0"], m["R"][-1]):
-        row(f"task accuracy ({t})", a0, a1)
-    row(f"facts, MC (chance {m['fact_chance']:.1%})", m["fact_mc_before"], m["fact_mc_after"])
-    row("facts, greedy recall", m["fact_greedy_before"], m["fact_greedy_after"])
-    row("held-out loss", m["heldout_loss_before"], m["heldout_loss_after"], percent=False)
-    if len(m["tasks"]) > 1:
-        print(f"continual: OP {m['OP']:.1%}, BWT {m['BWT']:+.1%}")
-    print(f"|θ-θ0| {m['dist_abs']:.3f} (relative {m['dist_rel']:.3f}), entries changed {m['frac_changed']:.1%}; "
-          f"fine-tuning {m['time_s']:.1f} s, {m['tokens_per_s']:,.0f} tokens/s")
+def report(ms):
+    """One table of runs side by side: along training (task accuracy, knowledge kept), then the end
+    point against the pre-trained model. The lesson is in the difference between the columns."""
+    names, first = [label(m["config"]) for m in ms], ms[0]
+    w = max(16, *(len(n) + 2 for n in names))
+    print(f"\nalong training (each point: up to {CURVE_PROBLEMS} held-out problems and {CURVE_PROBES} facts)")
+    print(f"{'':>10}" + "".join(f"{n:>{w}}" for n in names))
+    print(f"{'step':>10}" + f"{'task   facts':>{w}}" * len(ms))
+    for points in zip(*(m["curve"] for m in ms)):
+        step = points[0]["stage"] * first["config"]["max_iters"] + points[0]["iter"]
+        task = first["tasks"][points[0]["stage"]]
+        print(f"{step:>10}" + "".join(f"{p[task + '_acc']:.1%} {p['fact_mc']:6.1%}".rjust(w) for p in points))
+    rows = [(f"task accuracy ({t})", first["R0"][j], [m["R"][-1][j] for m in ms], "{:.1%}")
+            for j, t in enumerate(first["tasks"])]
+    rows += [(f"facts kept, MC (chance {first['fact_chance']:.1%})", first["fact_mc_before"],
+              [m["fact_mc_after"] for m in ms], "{:.1%}"),
+             ("facts, greedy recall", first["fact_greedy_before"], [m["fact_greedy_after"] for m in ms], "{:.1%}"),
+             ("held-out loss", first["heldout_loss_before"], [m["heldout_loss_after"] for m in ms], "{:.3f}"),
+             ("|θ-θ0| (relative)", None, [f"{m['dist_abs']:.2f} ({m['dist_rel']:.3f})" for m in ms], "{}"),
+             ("entries changed", None, [m["frac_changed"] for m in ms], "{:.1%}"),
+             ("fine-tuning seconds", None, [m["time_s"] for m in ms], "{:.0f}")]
+    if len(first["tasks"]) > 1:
+        rows += [("continual OP", None, [m["OP"] for m in ms], "{:.1%}"),
+                 ("continual BWT", None, [m["BWT"] for m in ms], "{:+.1%}")]
+    print(f"\n{'end point (' + str(first['config']['eval_problems']) + ' problems, all facts)':34s}{'before':>8}"
+          + "".join(f"{n:>{w}}" for n in names))
+    for name, before, after, fmt in rows:
+        print(f"{name:34s}{'' if before is None else fmt.format(before):>8}" + "".join(f"{fmt.format(a):>{w}}" for a in after))
+
+def plot(ms, path):
+    """Task accuracy and knowledge against step, and knowledge against task accuracy, per run."""
+    from matplotlib.figure import Figure  # no pyplot: nothing to show, no backend to pick
+    fig = Figure(figsize=(12, 3.6), dpi=100, layout="constrained")
+    axes = fig.subplots(1, 3)
+    first = ms[0]
+    for m, name in zip(ms, (label(m["config"]) for m in ms)):
+        steps = [p["stage"] * m["config"]["max_iters"] + p["iter"] for p in m["curve"]]
+        acc = [p[f"{m['tasks'][p['stage']]}_acc"] for p in m["curve"]]
+        facts = [p["fact_mc"] for p in m["curve"]]
+        line, = axes[0].plot(steps, acc, "o-", ms=3, label=name)
+        axes[1].plot(steps, facts, "o-", ms=3, color=line.get_color())
+        axes[2].plot(acc, facts, "o-", ms=3, color=line.get_color())
+    for ax in axes[1:]:
+        ax.axhline(first["fact_chance"], color="gray", ls=":", lw=1)
+    axes[1].text(0, first["fact_chance"] + 0.02, "chance", color="gray", fontsize=8)
+    for ax, (x, y) in zip(axes, (("step", "task accuracy"), ("step", "facts kept (multiple choice)"),
+                                 ("task accuracy", "facts kept (multiple choice)"))):
+        ax.set(xlabel=x, ylabel=y, ylim=(-0.02, 1.02))
+    axes[2].set_xlim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
+    c = first["config"]
+    fig.suptitle(f"{', '.join(first['tasks'])}: lr {c['lr']:g}, seed {c['seed']}, {c['max_iters']} steps per task "
+                 "(upper right of the last panel is best)", fontsize=10)
+    fig.savefig(path, metadata={"Software": None})
 
 # ----------------------------------------------------------------------------------------------
 # Command line: argparse generated from Config; bad input gives one line and a non-zero exit
@@ -679,9 +746,38 @@ def parse_args(argv=None):
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults suppressed)
     return Config(**{**PRESETS.get(given.pop("preset", None), {}), **given})
 
+def run_alone(cfg, threads):  # one run of a comparison, in a process of its own with its share of the cores
+    torch.set_num_threads(threads)
+    return run(cfg)
+
+def compare(cfg):
+    """cfg.method and the baseline cfg.compare, fine-tuned from the same pre-trained model with the
+    same data, seed, rate and steps; side by side, one process each with half of the cores (under
+    torchrun, one after the other). Returns their metrics, cfg's first."""
+    name = cfg.run_name or cfg.method
+    runs = [cfg, replace(cfg, method=cfg.compare, run_name=f"{name}-{cfg.compare}")]
+    for c in runs:
+        check_config(c)
+    if "RANK" in os.environ:
+        return [run(c) for c in runs]
+    device = pick_device(cfg.device)  # pre-trained here first, so that the two runs do not both do it
+    corpus = build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
+    load_or_pretrain(cfg, corpus, device, autocast(device), 0, 1)
+    threads = max(1, torch.get_num_threads() // 2)
+    log(f"fine-tuning {' and '.join(label(asdict(c)) for c in runs)} side by side, {threads} thread(s) each")
+    quiet = [replace(c, log_interval=0) for c in runs]  # the curve points are the progress report
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(run_alone, quiet, [threads] * 2))
+
 def main(argv=None):
     try:
-        run(parse_args(argv))
+        cfg = parse_args(argv)
+        ms = compare(cfg) if cfg.compare not in ("none", cfg.method) else [run(cfg)]
+        if int(os.environ.get("RANK", 0)) == 0:
+            report(ms)
+            figure = os.path.join(cfg.out_dir, f"{cfg.run_name or cfg.method}.png")
+            plot(ms, figure)
+            print(f"\nfigure {figure}; metrics and curves in {cfg.out_dir}/<run>.json")
     except (ValueError, FloatingPointError) as e:  # bad flags, checkpoints or a diverged run
         print(f"train_tiny.py: error: {e}", file=sys.stderr)
         return 1

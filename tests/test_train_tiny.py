@@ -249,8 +249,11 @@ def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
     Path(tt.pretrained_path(replace(SMOKE, out_dir=str(corrupt)))).write_bytes(b"not a checkpoint")
-    smoke = ["--preset", "smoke", "--out_dir", str(out)]
+    pair = ["--preset", "smoke", "--out_dir", str(out)]  # the main command: a run and its baseline
+    smoke = pair + ["--compare", "none"]
     cases = {
+        "compare": (pair + ["--compare", "sgd"], "--compare"),
+        "pair": (pair + ["--run_name", "never_ran_pair", "--resume"], "no checkpoint"),
         "method": (smoke + ["--method", "sgd"], "--method"),
         "alpha": (smoke + ["--alpha", "1.5"], "--alpha"),
         "task": (smoke + ["--tasks", "add,divide"], "divide"),
@@ -258,7 +261,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
         "type": (smoke + ["--alpha", "much"], "alpha"),
         "corrupt": (["--preset", "smoke", "--out_dir", str(corrupt)], "cannot read checkpoint"),
         "corpus": (smoke + ["--corpus", "v3"], "--corpus"),
-        "mismatch": (smoke + ["--method", "full", "--run_name", "full", "--resume", "--lr", "0.01"], "lr=0.002"),
+        "mismatch": (smoke + ["--method", "full", "--run_name", "full", "--resume", "--lr", "0.01"], "lr=0.001"),
         "compile": (smoke + ["--method", "full", "--run_name", "full", "--resume", "--compile"], "compile=False"),
         "resume": (smoke + ["--run_name", "never_ran", "--resume"], "no checkpoint"),
         "fsdp": (smoke + ["--method", "lora", "--fsdp"], "--fsdp"),
@@ -387,9 +390,72 @@ def test_a_stale_pretrained_checkpoint_is_trained_again_and_says_why(smoke_dir, 
     tt.save_checkpoint({**good, "fingerprint": {**good["fingerprint"], "corpus": "0" * 12}}, path)
     corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
     again = tt.load_or_pretrain(cfg, corpus, "cpu", tt.nullcontext(), 0, 1)
-    assert "the corpus changed since it was trained" in capsys.readouterr().out
+    assert "the corpus changed since" in capsys.readouterr().out
     assert again["fingerprint"] == tt.pretrain_fingerprint(corpus) == tt.read_checkpoint(path)["fingerprint"]
     assert states_equal(again["model"], good["model"])  # same corpus and code: the same weights again
     tt.load_or_pretrain(cfg, corpus, "cpu", tt.nullcontext(), 0, 1)
     assert "pre-training" not in capsys.readouterr().out  # now it is served
     assert tt.pretrained_path(replace(cfg, compile=True)) != path  # compiled pre-training rounds apart: its own file
+
+
+def test_the_shipped_pretrained_checkpoint_follows_the_code_in_front_of_it():
+    """The default model's checkpoint is committed (results/pretrained-<key>.pt) so that a fresh clone
+    fine-tunes at once; an edit of the corpus or the model/loop code must come with a new one."""
+    cfg = tt.Config()
+    path = Path(tt.shipped_path(cfg))
+    assert path.parent == ROOT / "results" and path.name == Path(tt.pretrained_path(cfg)).name
+    shipped = tt.read_checkpoint(str(path))
+    corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
+    assert shipped["fingerprint"] == tt.pretrain_fingerprint(corpus), "re-train it: python sweep.py --pretrain"
+    assert {k: shipped["config"][k] for k in tt.PRETRAIN_KEYS} == {k: getattr(cfg, k) for k in tt.PRETRAIN_KEYS}
+    assert shipped["metrics"]["fact_mc"] >= 0.95 and shipped["metrics"]["add_acc"] == 0.0  # knows the facts, not the task
+
+
+def test_an_empty_out_dir_is_served_the_shipped_checkpoint(tmp_path, monkeypatch):
+    cfg = replace(tt.Config(), out_dir=str(tmp_path))
+    monkeypatch.setattr(tt, "pretrain", lambda *a: pytest.fail("pre-trained although a checkpoint ships"))
+    corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
+    got = tt.load_or_pretrain(cfg, corpus, "cpu", tt.nullcontext(), 0, 1)
+    assert states_equal(got["model"], tt.read_checkpoint(tt.shipped_path(cfg))["model"])
+
+
+def test_the_main_command_compares_with_full_finetuning_side_by_side(smoke_dir, capsys):
+    """Two runs from one command: the same pre-trained model, seed, rate and steps, each in its own
+    process on one thread; each equal to the same run made alone (one thread)."""
+    out, _ = smoke_dir
+    assert tt.main(["--preset", "smoke", "--out_dir", str(out), "--method", "mofo", "--run_name", "pair"]) == 0
+    text = capsys.readouterr().out
+    pair, base = (json.loads((out / f"{n}.json").read_text()) for n in ("pair", "pair-full"))
+    assert (pair["config"]["method"], base["config"]["method"]) == ("mofo", "full")
+    for k in ("seed", "lr", "max_iters", "batch_size", "data_seed"):
+        assert pair["config"][k] == base["config"][k], k
+    assert base["pretrained_fingerprint"] == pair["pretrained_fingerprint"] and base["R0"] == pair["R0"]
+    assert (out / "pair.png").stat().st_size > 0
+    # one table: a row per curve point with both runs, then the end point with both columns
+    assert "mofo alpha=0.1" in text and "full" in text and "end point" in text
+    steps = [p["iter"] for p in pair["curve"]]
+    for step, p, b in zip(steps, pair["curve"], base["curve"]):
+        assert any(line.split()[:5] == [str(step), f"{p['add_acc']:.1%}", f"{p['fact_mc']:.1%}",
+                                        f"{b['add_acc']:.1%}", f"{b['fact_mc']:.1%}"] for line in text.splitlines()), step
+    facts = next(line for line in text.splitlines() if line.startswith("facts kept, MC"))
+    assert facts.split()[-2:] == [f"{pair['fact_mc_after']:.1%}", f"{base['fact_mc_after']:.1%}"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = tt.run(replace(SMOKE, out_dir=str(out), method="mofo", run_name="alone"))
+    finally:
+        torch.set_num_threads(threads)
+    same = ("R", "curve", "fact_mc_after", "heldout_loss_after", "dist_abs", "frac_changed")
+    assert {k: alone[k] for k in same} == {k: pair[k] for k in same}
+
+
+def test_a_single_run_prints_its_curve(smoke_dir, capsys):
+    out, _ = smoke_dir
+    assert tt.main(["--preset", "smoke", "--out_dir", str(out), "--method", "hft", "--compare", "none",
+                    "--run_name", "single"]) == 0
+    text = capsys.readouterr().out
+    m = json.loads((out / "single.json").read_text())
+    assert "along training" in text and "hft hft_ratio=0.5" in text and not (out / "single-full.json").exists()
+    rows = [line.split() for line in text.splitlines() if line.split()[:1] == [str(m["curve"][-1]["iter"])]]
+    assert rows and rows[-1][1:3] == [f"{m['curve'][-1]['add_acc']:.1%}", f"{m['curve'][-1]['fact_mc']:.1%}"]
+    assert (out / "single.png").stat().st_size > 0
