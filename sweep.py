@@ -407,7 +407,9 @@ def main(argv=None):
         p.error(f"unrecognized arguments: {' '.join(rest)} (train_tiny flags go with --preset quick)")
     if args.preset == "quick":
         try:
-            given = asdict(tt.parse_args(rest))
+            cfg = tt.parse_args(rest)
+            tt.check_config(cfg)  # an unknown method or a bad knob: one line, before any run
+            given = asdict(cfg)
         except ValueError as e:
             p.error(str(e))
         flags = {k: v for k, v in given.items() if v != getattr(tt.Config(), k) and k not in tt.RUNTIME_KEYS}

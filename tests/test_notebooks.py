@@ -41,7 +41,10 @@ for fam, by_seed in CURVES.items():  # every run evaluated at step 0 and along t
             assert c[0]["iter"] == 0 and c[-1]["iter"] == STEPS and len(c) == first["config"]["curve_points"] + 1
 assert set(FRONT_LOSS) == set(FRONT) and all(r["fronts"] for r in FRONT_LOSS.values())
 assert set(TRANS) == set(SWEEP.methods) and set(BEST) == set(FRONT)
-for name in ("02_frontier", "02_frontier_loss", "02_curves"):
+assert DELTA["mofo"].shape == DELTA["full"].shape == tuple(THETA0[MATRIX].shape)
+assert FRACTION["full"] > FRACTION["mofo"] > 0  # MoFO moved fewer entries of the matrix than full fine-tuning
+assert all(MOVED[n]["model.norm.weight"].shape == THETA0["model.norm.weight"].shape for n in MOVED)
+for name in ("02_frontier", "02_frontier_loss", "02_curves", "02_mask"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
@@ -93,3 +96,16 @@ def test_notebook_runs_in_quick_mode(name, monkeypatch):
     nb.cells.append(nbformat.v4.new_code_cell(CHECKS[name]))
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}).execute()
     assert not any(o.get("output_type") == "error" for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    drawing = [c for c in nb.cells if c.cell_type == "code" and 'save(fig, "' in c.source]  # a cell that saves a figure
+    assert drawing and all(any("image/png" in o.get("data", {}) for o in c.outputs) for c in drawing), \
+        "a figure is saved but not shown: opened in Jupyter, the notebook would show no plot"
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_the_committed_notebook_shows_its_figures(name):
+    """Opened in Jupyter without running anything, every cell that draws a figure shows it."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    drawing = [c for c in nb.cells if c.cell_type == "code" and 'save(fig, "' in c.source]
+    assert drawing
+    for c in drawing:
+        assert any("image/png" in o.get("data", {}) for o in c.outputs), c.source[:80]

@@ -221,3 +221,35 @@ def test_bad_workers_is_one_clear_error(capsys):
         sweep.main(["--workers", "0"])
     assert e.value.code != 0
     assert "--workers must be >= 1" in capsys.readouterr().err
+
+
+def test_quick_preset_puts_your_method_beside_full_and_mofo():
+    base = sweep.quick({})
+    assert set(base.methods) == {"full", "mofo alpha=0.1"} and base.seeds == (0,) and base.lrs == sweep.LRS
+    assert sweep.quick({"method": "full"}).methods == base.methods  # a baseline is not run twice
+    yours = sweep.quick({"filter": "random"})
+    assert yours.methods["yours mofo alpha=0.1 filter=random"] == {"method": "mofo", "filter": "random"}
+    assert len({sweep.family(label) for label in yours.methods}) == 3  # a frontier of its own
+    assert "lora rank=4" in sweep.quick({"method": "lora", "rank": 4}).methods
+    # its runs are the frontier sweep's where they coincide: a cached frontier run is served
+    keys = {r[3] for r in sweep.configs(sweep.SWEEPS["frontier"])}
+    assert {r[3] for r in sweep.configs(base) if r[0] == "mofo alpha=0.1"} <= keys
+
+
+def test_quick_preset_takes_train_tiny_flags_and_rejects_bad_ones(monkeypatch, tmp_path, capsys):
+    got = {}
+    monkeypatch.setattr(sweep, "quick_main", lambda s, args: got.setdefault("sweep", s) and 0)
+    assert sweep.main(["--preset", "quick", "--method", "hft", "--hft_ratio", "0.25", "--out_dir", str(tmp_path)]) == 0
+    assert got["sweep"].methods["hft hft_ratio=0.25"] == {"method": "hft", "hft_ratio": 0.25}
+    for bad in (["--preset", "quick", "--method", "sgd"], ["--preset", "quick", "--no_such_flag", "1"], ["--alpha", "0.1"]):
+        with pytest.raises(SystemExit):
+            sweep.main(bad)
+
+
+def test_quick_preset_prints_the_table_and_draws_the_figure(tmp_path, capsys):
+    s = sweep.smoke(sweep.quick({"filter": "random"}))
+    args = sweep.argparse.Namespace(out_dir=str(tmp_path), workers=1)
+    assert sweep.quick_main(s, args) == 0
+    text = capsys.readouterr().out
+    assert "| yours (1 × 1 = 1)" in text and "| full (1 × 1 = 1)" in text and "| mofo (1 × 1 = 1)" in text
+    assert (tmp_path / "quick.png").stat().st_size > 0
