@@ -406,7 +406,7 @@ def test_the_shipped_pretrained_checkpoint_follows_the_code_in_front_of_it():
     assert path.parent == ROOT / "results" and path.name == Path(tt.pretrained_path(cfg)).name
     shipped = tt.read_checkpoint(str(path))
     corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
-    assert shipped["fingerprint"] == tt.pretrain_fingerprint(corpus), "re-train it: python sweep.py --pretrain"
+    assert shipped["fingerprint"] == tt.pretrain_fingerprint(corpus), "re-train it: python train_tiny.py on an empty out/, then copy its pretrained-<key>.pt to results/"
     assert {k: shipped["config"][k] for k in tt.PRETRAIN_KEYS} == {k: getattr(cfg, k) for k in tt.PRETRAIN_KEYS}
     assert shipped["metrics"]["fact_mc"] >= 0.95 and shipped["metrics"]["add_acc"] == 0.0  # knows the facts, not the task
 
