@@ -32,9 +32,10 @@ outside = [r for r in ACTRL if r["beta2"] < r["beta1"] ** 2 and r["alpha"] == 1.
 inside = [r for r in ACTRL if r["beta2"] > r["beta1"] ** 2 and r["alpha"] == 1.0]
 assert outside and inside and not any(ab.falling(r) for r in outside)  # the control is caught
 assert all(ab.falling(r) for r in inside) and all(r["R"][-1] > 1e80 for r in outside)
-assert set(SLOPES) >= {"η = 0.01", "η = 0.1", "η = 0.3", "control β2 = 0.9", "control β2 = 0.9999"}
+assert set(SLOPES) >= {"η = 0.01", "η = 0.1", "η = 0.3", "control outside, α ≥ 0.5", "control inside"}
 assert all(s.ndim == 2 and s.shape[1] == 2 and np.all(np.isfinite(s)) for s in SLOPES.values())
-assert np.all(SLOPES["control β2 = 0.9"][:, 0] > SLOPES["control β2 = 0.9999"][:, 0].max())
+assert np.all(SLOPES["control outside, α ≥ 0.5"][:, 0] > SLOPES["control inside"][:, 0].max())
+assert len(SLOPES["η = 0.3"]) == sum(r["eta"] == 0.3 for r in AGRID) == 12
 assert (FIGURES / "01_adam_bound.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,

@@ -153,8 +153,9 @@ def by(rows, *keys):
 
 
 def print_adam_bound(cfg):
-    print("\n## The Adam-based MoFO with η_t = η/√t: the explicit bound of theory/adam_bound.py\n")
-    print("### Losses with bounded gradients (L, G = sup‖∇f‖_∞ and f* from each formula)\n")
+    print(f"\nbound config: {cfg}\n")
+    print("### Adam-MoFO with η_t = η/√t (theory/adam_bound.py): losses with bounded gradients "
+          "(L, G = sup‖∇f‖_∞ and f* from each formula)\n")
     print(table(["loss", "d", "L", "G", "f* (exact or lower bound)"],
                 [[l.name, l.d, f"{l.L:.4g}", f"{l.G:.4g}",
                   f"{l.f_star:g} ({'exact' if l.f_star_exact else 'lower bound'})"]
@@ -256,9 +257,10 @@ def main():
     args = parser.parse_args()
     cfg = config_from(args, GridConfig)
     bound_cfg = config_from(args, ab.AdamGridConfig, prefix="bound_")
-    print(f"config: {cfg}\nbound config: {bound_cfg}\nrelative round-off tolerance RTOL = {RTOL:g}\n")
+    print(f"relative round-off tolerance RTOL = {RTOL:g}")
     t0 = time.time()
     if args.part in ("gd", "all"):
+        print(f"config: {cfg}\n")
         print_losses(cfg)
         print_grid(cfg)
         print_controls(cfg)
