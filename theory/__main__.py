@@ -7,9 +7,15 @@ results. --part gd | adam | all picks the sections (all by default).
 import argparse
 import dataclasses
 import math
+import os
 import time
 
-import numpy as np
+# Every matrix here is small (150 × 100 in an Adam batch, at most 1000 × 1000): BLAS threads cost
+# more than they save and oversubscribe a shared CPU (an Adam batch of 150 runs: 24 s with two
+# OpenBLAS threads, 6 s with one, on a 2-core machine running another job). Set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
 
 from theory import adam_bound as ab
 from theory.adam import adam_mofo_trajectories
