@@ -22,6 +22,21 @@ assert next(r for r in NEG if r["alpha"] == 1.0)["f_growth"] > 1               #
 assert ADAM["grad_norm"].shape == ADAM["dist"].shape and ADAM["grad_norm"].shape[0] == len(ADAM["alphas"])
 assert np.all(np.diff(ADAM["dist"][:, -1]) > 0)   # larger α travels further from θ0
 assert ADAM["moved_fraction"][-1] == 1.0
+for r in AGRID + ACTRL:  # the Adam-MoFO bound: every lemma at every step, the bound at every T
+    assert all(r[k] == 0 for k in VIOL), {k: r[k] for k in VIOL if r[k]}
+    assert np.all(r["min_q"] <= r["mean_q"] * (1 + 1e-12)) and np.all(r["mean_q"] <= r["R"])
+    assert r["T"].shape == r["mean_q"].shape == r["R"].shape == r["min_q"].shape
+assert {r["loss"] for r in AGRID} == {"logcosh", "logistic", "robust"} and len(AGRID) == 36
+assert all(ab.falling(r) for r in AGRID if r["eta"] == 0.3)       # inside: it falls
+outside = [r for r in ACTRL if r["beta2"] < r["beta1"] ** 2 and r["alpha"] == 1.0]
+inside = [r for r in ACTRL if r["beta2"] > r["beta1"] ** 2 and r["alpha"] == 1.0]
+assert outside and inside and not any(ab.falling(r) for r in outside)  # the control is caught
+assert all(ab.falling(r) for r in inside) and all(r["R"][-1] > 1e80 for r in outside)
+assert set(SLOPES) >= {"η = 0.01", "η = 0.1", "η = 0.3", "control outside, α ≥ 0.5", "control inside"}
+assert all(s.ndim == 2 and s.shape[1] == 2 and np.all(np.isfinite(s)) for s in SLOPES.values())
+assert np.all(SLOPES["control outside, α ≥ 0.5"][:, 0] > SLOPES["control inside"][:, 0].max())
+assert len(SLOPES["η = 0.3"]) == sum(r["eta"] == 0.3 for r in AGRID) == 12
+assert (FIGURES / "01_adam_bound.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "02_forgetting.ipynb": """

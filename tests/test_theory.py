@@ -1,4 +1,5 @@
 """Tests for theory/: the GD-MoFO bound holds on the grid, and the checks can fail."""
+import dataclasses
 import math
 
 import numpy as np
@@ -198,3 +199,143 @@ def test_bad_arguments_raise_clear_errors():
         run_gd_mofo(make_loss("quadratic", 10), np.zeros(10), [3, 3], 0.5, 1e-3, 5)
     with pytest.raises(ValueError, match="d must be"):
         quadratic(1)
+
+
+# ----- The Adam-based MoFO with η_t = η/√t and its explicit bound (theory/adam_bound.py)
+
+from theory import adam_bound as ab  # noqa: E402
+
+BOUNDED = ("logcosh", "logistic", "robust")
+BOUND_VIOLATIONS = tuple(f"{c}_violations" for c in (
+    "gradient_bound", "rho", "c", "lag", "kept", "smooth", "one_step", "bound", "corollary"))
+SMALL = ab.AdamGridConfig(dims=(10,), alphas=(0.1, 0.5, 1.0),
+                          betas=((0.0, 0.999), (0.9, 0.999), (0.99, 0.999)), etas=(0.01, 0.3),
+                          seeds=(0,), steps=300)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.34, 1.0])
+@pytest.mark.parametrize("fast", [True, False])
+def test_analysed_algorithm_is_mofo_under_a_one_over_sqrt_t_schedule(alpha, fast):
+    # each on its own trajectory for 300 steps: the same θ to float64 round-off, the same masks
+    loss = ab.bounded_loss("robust", 30)
+    worst, mismatched = ab.compare_with_mofo(loss, partition(30, "several"), alpha, 0.9, 0.99,
+                                             0.1, 300, fast=fast)
+    assert worst < 1e-13 and mismatched == 0
+
+
+def test_analysed_step_moves_exactly_k_entries_per_block_and_alpha_one_is_adam():
+    rng = np.random.default_rng(0)
+    theta, grad = rng.standard_normal((2, 10)), rng.standard_normal((2, 10))
+    zeros = np.zeros((2, 10))
+    new, m, v, mask = ab.adam_mofo_step(theta, zeros, zeros, 1, grad, 0.1, 0.9, 0.999, 1e-8,
+                                        [0.25, 1.0], [4, 6])
+    assert mask[0, :4].sum() == 1 and mask[0, 4:].sum() == 1      # max(1, ⌊0.25·n⌋) = 1 per block
+    assert mask[0, :4][np.argmax(np.abs(grad[0, :4]))]            # the largest |m| = (1−β1)|g|
+    assert np.array_equal(new[0] != theta[0], mask[0]) and mask[1].all()
+    adam = theta[1] - 0.1 * grad[1] / (np.abs(grad[1]) + 1e-8)    # Adam's first step: ≈ sign(g)
+    np.testing.assert_allclose(new[1], adam, rtol=1e-14)
+
+
+def test_constants_are_the_formulas_they_stand_for():
+    steps, eta, b1, b2 = 40, 0.1, 0.9, 0.99
+    k = ab.constants(steps, eta, b1, b2)
+    for t in (1, 2, 7, 40):
+        s = np.arange(1, t + 1)
+        a = (1 - b1) * b1 ** (t - s) / (1 - b1**t)                 # weights of m̂_t
+        b = (1 - b2) * b2 ** (t - s) / (1 - b2**t)                 # weights of v̂_t
+        assert math.isclose(k["rho"][t - 1], math.sqrt(np.sum(a**2 / b)), rel_tol=1e-12)
+        assert math.isclose(k["c"][t - 1], math.sqrt(1 / b[-1]), rel_tol=1e-12)
+        eta_r, rho_r = eta / np.sqrt(s), k["rho"][:t]
+        B = sum(a[i] * np.sum(eta_r[i:t - 1] * rho_r[i:t - 1]) for i in range(t))
+        assert math.isclose(k["B"][t - 1], B, rel_tol=1e-12, abs_tol=1e-15)
+    assert k["rho"][0] == k["c"][0] == 1 and k["B"][0] == 0        # m̂_1 = g_1, v̂_1 = g_1²
+    # ρ_t tends to (1−β1)/√((1−β2)(1−β1²/β2)) exactly when β1² < β2, and explodes otherwise
+    inside = ab.constants(20000, eta, b1, b2)["rho"][-1]
+    assert math.isclose(inside, (1 - b1) / math.sqrt((1 - b2) * (1 - b1**2 / b2)), rel_tol=1e-9)
+    assert ab.constants(2000, eta, 0.999, 0.9)["rho"][-1] > 1e40
+
+
+def test_bound_rhs_falls_like_log_T_over_sqrt_T():
+    k = ab.constants(200000, 0.1, 0.5, 0.99)
+    R, R_inf = ab.rhs(10.0, 2.0, 1.0, 10, 1e-8, k)
+    T = np.arange(1, 200001)
+    # √T R_T / log T levels off: its growth over the last decade is far below √T's (×3.16)
+    ratio = R * np.sqrt(T) / np.log(T + 1.0)
+    assert ratio[-1] / ratio[19999] < 1.2 and np.all(R_inf >= 2 * R)
+    slope, half = ab.loglog_slope(T, R)
+    assert -0.5 < slope < -0.3 and half < 0.01
+
+
+@pytest.mark.parametrize("name", BOUNDED)
+def test_bounded_losses_have_the_G_and_L_they_claim(name):
+    loss = ab.bounded_loss(name, 20)
+    rng = np.random.default_rng(0)
+    # up to 3× the runs' θ0 scale (logcosh's cosh overflows in float64 only beyond |Aθ| ≈ 710)
+    thetas = np.concatenate([s * rng.standard_normal((5, 20)) for s in (0.1, 1.0, 3.0)])
+    f, g = loss.value_and_grad_rows(thetas)
+    assert np.all(np.abs(g).max(axis=1) <= loss.G) and np.all(f >= loss.f_star)
+    for theta, fi, gi in zip(thetas, f, g):   # the batched formulas are the one-point ones
+        f1, g1 = loss.value_and_grad(theta)
+        assert math.isclose(fi, f1, rel_tol=1e-12) and np.allclose(gi, g1, rtol=1e-12, atol=1e-15)
+        assert np.max(np.abs(np.linalg.eigvalsh(loss.hessian(theta)))) <= loss.L * (1 + 1e-12)
+    with pytest.raises(ValueError, match="unbounded"):
+        ab.bounded_loss("quadratic", 20)           # ½θᵀHθ: ‖∇f‖ grows without bound
+    assert robust_regression(20).G == math.inf     # so does any ridge term
+
+
+def test_logcosh_formulas_match_sympy_on_the_whole_loss():
+    loss = make_loss("logcosh", 4)
+    theta, f = symbolic_loss(loss)
+    grad = sp.lambdify(theta, [sp.diff(f, t) for t in theta], "numpy")
+    x = initial_point(4, 5)
+    np.testing.assert_allclose(loss.grad(x), grad(*x), rtol=1e-10, atol=1e-12)
+    assert loss.L == 1000 and loss.f_star == 0 and loss.f_star_exact
+
+
+@pytest.fixture(scope="module")
+def small_adam_grid():
+    return ab.run_adam_grid(SMALL)
+
+
+def test_small_adam_grid_has_no_violations_inside_the_assumptions(small_adam_grid):
+    rows = small_adam_grid
+    assert len(rows) == 3 * 2 * 3 * 3 * 2 and {r["loss"] for r in rows} == set(BOUNDED)
+    for r in rows:
+        assert [r[k] for k in BOUND_VIOLATIONS] == [0] * len(BOUND_VIOLATIONS), r
+        assert np.all(r["min_q"] <= r["mean_q"] * (1 + 1e-12)) and np.all(r["mean_q"] <= r["R"])
+        assert 0 < r["tightness"] <= 1
+        # what passes only by RTOL is the t = 1 equalities ρ_1 = c_1 = 1, m̂_1 = g_1: once at most
+        assert all(n <= 1 for n in r["saved_by_tolerance"].values()), r["saved_by_tolerance"]
+        assert set(k for k, n in r["saved_by_tolerance"].items() if n) <= {"rho", "c", "lag"}
+    # with η = 0.3 the bounded quantity falls in every run, at about the theorem's rate or faster
+    fast = [r for r in rows if r["eta"] == 0.3]
+    assert all(ab.falling(r) for r in fast)
+    assert np.mean([r["slope_mean_q"][0] for r in fast]) < fast[0]["slope_rate"]
+
+
+def test_beta_control_outside_beta1_below_sqrt_beta2_is_caught():
+    rows = ab.beta_control(losses=("robust",), alphas=(1.0,), seeds=(0, 1))
+    inside = [r for r in rows if r["beta2"] == 0.9999]
+    outside = [r for r in rows if r["beta2"] == 0.9]
+    assert len(inside) == len(outside) == 2
+    # the bound still holds (it holds for any β) but explodes: R_T grows like (β1²/β2)^(T/2)
+    assert all(r[k] == 0 for r in rows for k in BOUND_VIOLATIONS)
+    assert all(r["R"][-1] > 1e80 and r["slope_R"][0] > 10 for r in outside)
+    # the rate fails: the bounded quantity stops falling, and only outside
+    assert not any(ab.falling(r) for r in outside)
+    assert all(ab.falling(r) for r in inside)
+
+
+def test_wrong_constants_are_caught_by_the_checks():
+    cfg = dataclasses.replace(SMALL, losses=("logcosh",), partitions=("one",), etas=(0.3,))
+    for kw, check in ((dict(G_scale=0.5), "gradient_bound_violations"),
+                      (dict(L_scale=0.1), "lag_violations")):
+        assert sum(r[check] for r in ab.run_adam_grid(cfg, **kw)) > 0, kw
+
+
+def test_loglog_slope_recovers_a_power_law_and_refuses_too_few_points():
+    T = np.arange(1, 1001)
+    slope, half = ab.loglog_slope(T, 3.0 * T**-0.5)
+    assert math.isclose(slope, -0.5, abs_tol=1e-12) and half < 1e-10
+    with pytest.raises(ValueError, match="distinct"):
+        ab.loglog_slope(np.arange(1, 51), np.ones(50))

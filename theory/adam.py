@@ -1,7 +1,8 @@
 """The Adam-based MoFO (mofo.MoFO) on the toy losses: observed behaviour only, no bound claimed.
 
 MoFO (arXiv 2407.20999, Algorithm 1). The later version of the paper proves an O(log T / √T) rate
-for it in a filtered gradient norm; here we only measure, for each α, how fast ‖∇f‖ falls and how
+for it in a filtered gradient norm, with a decaying step size (theory/adam_bound.py checks a bound
+of that order); here, with a constant lr, we only measure, for each α, how fast ‖∇f‖ falls and how
 far θ travels from θ0 — the quantity MoFO is meant to keep small.
 
 θ is split into blocks, each a (1, n_b) torch parameter: MoFO filters tensors with ≥ 2 dimensions

@@ -17,6 +17,10 @@ inf φ over the real line; the chain rule through the fixed linear map A then gi
     L      = c · sup|φ''| · λ_max(AᵀA) + μ      (‖∇²f‖₂ ≤ L everywhere)
     f*    ≥ c · m · inf φ                      (a certified lower bound; μ ≥ 0)
 
+With μ = 0 the gradient is bounded too, which the Adam-MoFO bound (theory/adam_bound.py) needs:
+
+    ‖∇f(θ)‖_∞ ≤ G = c · sup|φ'| · max_i Σ_j |A_ji|      (sup|φ'| by sympy; G = ∞ when μ > 0)
+
 Writing φ per coordinate keeps sympy fast at d = 1000; `symbolic_loss` expands the full
 expression for small d so that tests can compare the vectorised formulas with sympy's own
 differentiation of the whole loss.
@@ -70,6 +74,20 @@ class ToyLoss:
         f = float(self.c * np.sum(self._phi(r)) + 0.5 * self.mu * theta @ theta)
         return f, self.c * (self.A.T @ self._dphi(r)) + self.mu * theta
 
+    def value_and_grad_rows(self, theta):
+        """value_and_grad of R points at once: theta (R, d) -> f (R,), grad (R, d)."""
+        r = theta @ self.A.T - self.b                                 # (R, m)
+        f = self.c * np.sum(self._phi(r), axis=1) + 0.5 * self.mu * np.sum(theta * theta, axis=1)
+        return f, self.c * (self._dphi(r) @ self.A) + self.mu * theta
+
+    @property
+    def G(self):
+        """A bound on ‖∇f(θ)‖_∞ over all θ: c · sup|φ'| · max_i Σ_j |A_ji|, or ∞ with a ridge."""
+        if self.mu != 0:
+            return float("inf")  # μθ grows without bound
+        sup_d1, inf_d1 = link_slope_bounds(self.phi)
+        return float(self.c * max(abs(sup_d1), abs(inf_d1)) * np.abs(self.A).sum(axis=0).max())
+
     def hessian(self, theta):
         r = self.A @ theta - self.b
         w = np.broadcast_to(self._d2phi(r), r.shape)                  # φ'' may be a constant
@@ -84,12 +102,16 @@ def link_bounds(phi):
             sp.minimum(phi, z, sp.S.Reals))
 
 
-def quadratic(d, kappa=1000, seed=0):
-    """Ill-conditioned quadratic f(θ) = ½ θᵀ Q Λ Qᵀ θ with spectrum λ(s) = κ^s, s ∈ [0, 1].
+@functools.lru_cache(maxsize=None)
+def link_slope_bounds(phi):
+    """sup φ' and inf φ' over the reals, found by sympy (for the gradient bound G)."""
+    d1 = sp.diff(phi, z)
+    return sp.maximum(d1, z, sp.S.Reals), sp.minimum(d1, z, sp.S.Reals)
 
-    Q is a seeded random rotation, so the Hessian is dense. L = max_s λ(s) and f* = 0 (attained at
-    θ = 0 because min_s λ(s) > 0) both come from the spectrum formula.
-    """
+
+def spectrum_map(d, kappa, seed):
+    """(A, max_s λ, min_s λ): A = Λ^½ Qᵀ, λ(s) = κ^s at d points of [0, 1], Q a seeded rotation;
+    the extremes of λ by sympy from the formula."""
     if d < 2:
         raise ValueError(f"d must be >= 2 (the spectrum spans s in [0, 1]), got {d}")
     if kappa < 1:
@@ -97,15 +119,39 @@ def quadratic(d, kappa=1000, seed=0):
     s = sp.Symbol("s", real=True)
     spectrum = sp.Integer(kappa) ** s if float(kappa).is_integer() else sp.Float(kappa) ** s
     lam = np.asarray(sp.lambdify(s, spectrum, "numpy")(np.linspace(0.0, 1.0, d)), dtype=float)
-    rng = np.random.default_rng(seed)
-    Q, _ = np.linalg.qr(rng.standard_normal((d, d)))
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d, d)))
+    return (np.sqrt(lam)[:, None] * Q.T, sp.maximum(spectrum, s, sp.Interval(0, 1)),
+            sp.minimum(spectrum, s, sp.Interval(0, 1)))
+
+
+def logcosh(d, kappa=1000, seed=0):
+    """The ill-conditioned quadratic's twin with bounded gradients: f(θ) = Σ_j log cosh((Aθ)_j).
+
+    A = Λ^½ Qᵀ as in `quadratic` (same spectrum κ^s, same seeded rotation), so near θ = 0 this is
+    ½ θᵀ Q Λ Qᵀ θ, while far away it grows only linearly: φ' = tanh ∈ (−1, 1) bounds the gradient
+    (G = max_i Σ_j |A_ji|). φ'' = sech² ≤ 1, so L = max_s κ^s; f* = 0 at θ = 0, exactly.
+    In float64, cosh overflows for |(Aθ)_j| > 710; the runs stay far inside (|Aθ| ≲ 100).
+    """
+    A, lam_max, _ = spectrum_map(d, kappa, seed)
+    phi = sp.log(sp.cosh(z))
+    sup_d2, inf_d2, inf_phi = link_bounds(phi)
+    L = float(max(abs(sup_d2), abs(inf_d2)) * lam_max)
+    return ToyLoss("logcosh", phi, A, np.zeros(d), 1.0, 0.0, L, float(d * inf_phi), True,
+                   f"L = sup phi'' * max_s kappa^s = {lam_max}, sup phi'' = {sup_d2}; "
+                   f"f* = 0 at theta = 0")
+
+
+def quadratic(d, kappa=1000, seed=0):
+    """Ill-conditioned quadratic f(θ) = ½ θᵀ Q Λ Qᵀ θ with spectrum λ(s) = κ^s, s ∈ [0, 1].
+
+    Q is a seeded random rotation, so the Hessian is dense. L = max_s λ(s) and f* = 0 (attained at
+    θ = 0 because min_s λ(s) > 0) both come from the spectrum formula.
+    """
+    A, lam_max, lam_min = spectrum_map(d, kappa, seed)  # AᵀA = Q Λ Qᵀ
     phi = z**2 / 2
     sup_d2, inf_d2, inf_phi = link_bounds(phi)
-    lam_max = sp.maximum(spectrum, s, sp.Interval(0, 1))
-    lam_min = sp.minimum(spectrum, s, sp.Interval(0, 1))
     assert lam_min > 0 and inf_d2 >= 0                 # positive definite, so f* = f(0) = 0
     L = float(max(abs(sup_d2), abs(inf_d2)) * lam_max)
-    A = np.sqrt(lam)[:, None] * Q.T                    # AᵀA = Q Λ Qᵀ
     return ToyLoss("quadratic", phi, A, np.zeros(d), 1.0, 0.0, L, float(d * inf_phi), True,
                    f"L = sup phi'' * max_s kappa^s = {lam_max}; f* = 0 at theta = 0")
 
@@ -155,7 +201,8 @@ def robust_regression(d, m=100, mu=0.1, seed=0):
 
 def make_loss(name, d, seed=0):
     """The toy loss `name` in dimension d; `seed` fixes its data (not θ0)."""
-    builders = {"quadratic": quadratic, "logistic": logistic, "robust": robust_regression}
+    builders = {"quadratic": quadratic, "logistic": logistic, "robust": robust_regression,
+                "logcosh": logcosh}
     if name not in builders:
         raise ValueError(f"name must be one of {sorted(builders)}, got {name!r}")
     return builders[name](d, seed=seed)
