@@ -457,7 +457,7 @@ def plot_fronts(rows, runs, path):
     for fam, r in rows.items():
         seed = min(r["fronts"])
         xs, ys = zip(*r["fronts"][seed])
-        line, = ax.step(xs, ys, where="post", lw=2, label=f"{fam} ({r['n_configs']} configurations)")
+        line, = ax.plot(xs, ys, lw=2, label=f"{fam} ({r['n_configs']} configurations)")  # linear, as kept_at reads it
         pts = [xy_of(p) for _, _, c in runs[fam][seed] for p in c]
         ax.scatter(*zip(*pts), s=8, alpha=0.3, color=line.get_color())
     ax.set(xlabel="task accuracy", ylabel="facts kept (multiple choice)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
