@@ -412,7 +412,8 @@ def main(argv=None):
             given = asdict(cfg)
         except ValueError as e:
             p.error(str(e))
-        flags = {k: v for k, v in given.items() if v != getattr(tt.Config(), k) and k not in tt.RUNTIME_KEYS}
+        default = asdict(tt.Config())  # the flags given are those that differ from train_tiny's defaults
+        flags = {k: v for k, v in given.items() if v != default[k] and k not in tt.RUNTIME_KEYS}
         return quick_main(quick(flags), args)
     sweep = smoke(SWEEPS[args.sweep]) if args.preset else SWEEPS[args.sweep]
     if args.revalidate:
