@@ -68,7 +68,7 @@ CONTINUAL = {  # add -> reverse -> sort -> count; L1 and LoRA left out (below L2
     "task-replay 10%": dict(method="full", task_replay=0.1),      # the positive control: earlier tasks' data
     "mofo+task-replay 10%": dict(method="mofo", alpha=0.05, task_replay=0.1),  # the paper's MoFO + replay
 }
-LATER_FLAGS = {"task_replay": 0.0, "compile": False}  # flags that joined the key after runs were cached:
+LATER_FLAGS = {"task_replay": 0.0, "compile": False, "lora_targets": "all"}  # flags that joined the key after runs were cached:
                                                       # left out at this value, so a run's key (and result) stays
 SIZES = {  # width (head size 32 throughout, same depth): each pre-trained to >= 95% of the facts
     64: dict(n_embd=64, n_head=2, pretrain_max_iters=5000),  # the small model learns the facts slowly
@@ -146,6 +146,25 @@ def cached(cfg):
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+def restore(sweep, out_dir=None, echo=print, results_dir=ROOT / "results"):
+    """Fill the cache's gaps from the committed results/*.json (a fresh clone has no out/): each
+    committed run that the sweep has and the cache lacks is written where the sweep looks for it,
+    stamps and all. Nothing is trusted blindly: a run stamped by other code is still stale, so
+    `--revalidate` can re-stamp it and `python sweep.py` recomputes it. Returns how many it wrote."""
+    saved = {}
+    for path in sorted(Path(results_dir).glob("*.json")):
+        saved.update(json.loads(path.read_text()).get("runs", {}))  # keys hash the whole config: no clashes
+    n = 0
+    for *_, key, cfg in configs(sweep, out_dir):
+        if key in saved and cached(cfg) is None:
+            path = Path(cfg.out_dir, cfg.run_name + ".json")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(saved[key]))
+            n += 1
+    if n:
+        echo(f"took {n} runs from {Path(results_dir).name}/ into the cache ({Path(out_dir or sweep.base.get('out_dir', 'out'), 'sweep')})")
+    return n
 
 def stale(m, now):
     """What changed since m was computed (file names), [] if it still follows the code."""
@@ -416,6 +435,8 @@ def main(argv=None):
         flags = {k: v for k, v in given.items() if v != default[k] and k not in tt.RUNTIME_KEYS}
         return quick_main(quick(flags), args)
     sweep = smoke(SWEEPS[args.sweep]) if args.preset else SWEEPS[args.sweep]
+    if not args.preset:
+        restore(sweep, args.out_dir)
     if args.revalidate:
         return 0 if revalidate(sweep, args.out_dir, workers=args.workers) else 1
     if args.export:  # what the cache holds of whole seeds; a cut-short sweep exports its finished seeds
@@ -439,6 +460,7 @@ def main(argv=None):
     return 0
 
 def quick_main(sweep, args):
+    restore(sweep, args.out_dir)  # full's and MoFO's runs are the frontier sweep's: no need to recompute them
     t0 = time.time()
     results, computed = run_sweep(sweep, args.out_dir, args.workers)
     rows = summary(sweep, results, args.out_dir)

@@ -93,6 +93,8 @@ class Config:
     hft_strategy: str = opt("category", "HFT: category (the paper) | model | layer")
     reg: float = opt(-1.0, "L1/L2: penalty strength λ (-1: the method's default, l1 1e-4, l2 1e-2)")
     rank: int = opt(8, "LoRA: rank r of BA (scale LORA_ALPHA/r)")
+    lora_targets: str = opt("all", "LoRA: all (every block matrix, PEFT's all-linear) | qv (q_proj, v_proj: "
+                            "PEFT's default for Llama and the LoRA paper's choice)")
     replay: float = opt(0.0, "fraction of each batch that is pre-training text, in [0, 1)")
     task_replay: float = opt(0.0, "continual: fraction of each batch that is earlier tasks' problems")
     eval_problems: int = opt(500, "held-out test problems per task, scored at the end")
@@ -278,10 +280,14 @@ def hft_half(model, cfg, stage):  # a new half of every block per stage (task)
     trainable = hft.select(model, seed=cfg.seed, stage=stage, ratio=cfg.hft_ratio, strategy=cfg.hft_strategy)
     return hft.apply(model, trainable), trainable
 
-def lora_params(model, cfg, stage):  # on every matrix inside the blocks (attention and MLP), as PEFT
+LORA_TARGETS = {"all": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                "qv": ("q_proj", "v_proj")}
+
+def lora_params(model, cfg, stage):  # on the block matrices that lora_targets names (all: attention and MLP)
     model.requires_grad_(False)
     for block in model.model.layers:
-        for linear in (*block.self_attn.children(), *block.mlp.children()):
+        for linear in (m for n, m in (*block.self_attn.named_children(), *block.mlp.named_children())
+                       if n in LORA_TARGETS[cfg.lora_targets]):
             parametrize.register_parametrization(linear, "weight", LoRA(linear.weight, cfg.rank))
     return [p for n, p in model.named_parameters() if "lora_" in n], None
 
@@ -318,6 +324,7 @@ METHODS = {  # adding a method is one entry (and one sweep label): e.g. "mofo_l2
 def label(config):  # "mofo alpha=0.1" from a run's config (a dict): the method and its own knob
     knob = METHODS[config["method"]].knob
     extra = f" filter={config['filter']}" if config["method"] == "mofo" and config["filter"] != "momentum" else ""
+    extra += f" on {config['lora_targets']}" if config["method"] == "lora" and config.get("lora_targets", "all") != "all" else ""
     return config["method"] + (f" {knob}={config[knob]:g}" if knob else "") + extra
 
 def end_stage(model):  # LoRA's W0 + (α/r)·BA becomes the plain weight (same name); all trainable again
@@ -536,6 +543,7 @@ def check_config(cfg, world=1):
         (set(cfg.tasks.split(",")) <= set(TASKS), f"--tasks: unknown task in {cfg.tasks!r}, choose from {TASKS}"),
         (0 < cfg.alpha <= 1, f"--alpha must be in (0, 1], got {cfg.alpha}"),
         (cfg.filter in FILTERS, f"--filter must be one of {', '.join(FILTERS)}, got {cfg.filter!r}"),
+        (cfg.lora_targets in LORA_TARGETS, f"--lora_targets must be one of {', '.join(LORA_TARGETS)}, got {cfg.lora_targets!r}"),
         (0 < cfg.hft_ratio <= 1, f"--hft_ratio must be in (0, 1], got {cfg.hft_ratio}"),
         (cfg.hft_strategy in hft.STRATEGIES, f"--hft_strategy must be in {hft.STRATEGIES}, got {cfg.hft_strategy!r}"),
         (cfg.reg == -1 or cfg.reg >= 0, f"--reg must be >= 0 (or -1 for the default), got {cfg.reg}"),

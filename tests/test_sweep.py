@@ -141,6 +141,18 @@ def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
     _, computed = sweep.run_sweep(s, out, workers=1, echo=said.append)
     assert computed == 1 and "mofo.py changed since these results: recomputing 1 runs" in said[0]
 
+    # a fresh clone has no cache: the committed results fill it, and still only fresh runs are served
+    results = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)[0]
+    sweep.export("x", results, tmp_path / "results" / "x.json")
+    assert sweep.restore(s, str(tmp_path / "clone"), echo=lambda msg: None, results_dir=tmp_path / "results") == 4
+    served, computed = sweep.run_sweep(s, str(tmp_path / "clone"), workers=1, echo=lambda msg: None)
+    assert computed == 0 and served == results
+    saved = json.loads((tmp_path / "results" / "x.json").read_text())
+    saved["runs"][k1]["fingerprint"] = {**saved["runs"][k1]["fingerprint"], "hft.py": "old"}
+    (tmp_path / "results" / "x.json").write_text(json.dumps(saved))
+    assert sweep.restore(s, str(tmp_path / "clone2"), echo=lambda msg: None, results_dir=tmp_path / "results") == 4
+    assert sweep.run_sweep(s, str(tmp_path / "clone2"), workers=1, echo=lambda msg: None)[1] == 1  # the stale one
+
 
 def test_revalidate_restamps_only_when_the_reruns_reproduce(tmp_path, monkeypatch):
     s = replace(sweep.smoke(sweep.SWEEPS["frontier"]), lrs=(2e-3,),

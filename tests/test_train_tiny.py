@@ -298,6 +298,16 @@ def test_lora_trains_only_BA_and_merges_into_the_same_names():
     torch.testing.assert_close(model(x)[0], before, rtol=1e-4, atol=1e-4)
 
 
+def test_lora_on_q_and_v_adapts_only_those_two_matrices():
+    model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 16, len(data.VOCAB)))
+    params, _ = tt.lora_params(model, replace(SMOKE, rank=4, lora_targets="qv"), stage=0)
+    adapted = sorted({n.split(".parametrizations")[0].split(".")[-1] for n, p in model.named_parameters() if "lora_" in n})
+    assert adapted == ["q_proj", "v_proj"] and len(params) == 2 * 2 * 2  # A, B on 2 matrices, 2 blocks
+    assert tt.label(dict(vars(replace(SMOKE, method="lora", lora_targets="qv")))) == "lora rank=8 on qv"
+    with pytest.raises(ValueError, match="--lora_targets"):
+        tt.check_config(replace(SMOKE, lora_targets="q"))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("method", ["mofo", "hft"])
 def test_cuda_smoke_run_with_bf16_autocast(tmp_path, method):
