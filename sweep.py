@@ -56,10 +56,10 @@ FRONTIER = {  # equal tuning: 2 knob values x 2 rates each; full fine-tuning 4 r
 }
 LRS = (1e-3, 2e-3)  # the knob methods' rates: their own knob already trades learning for keeping
 FULL_LRS = tuple(5e-4 * 4 ** (k / 3) for k in range(4))  # 5e-4 ... 2e-3, a factor 1.59 apart: 4 rates
-ABLATION = {f"mofo α=0.1 {f}": dict(method="mofo", alpha=0.1, filter=f)
-            for f in ("momentum", "gradient", "update", "random")}
-ALPHAS = {**knob("mofo", "mofo", "alpha", (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)),  # α = 1 is AdamW, bitwise,
-          "full": dict(method="full")}                                            # so it equals this run
+ABLATION = {f"mofo-{f}": dict(method="mofo", alpha=0.1, filter=f)  # the MoFO paper's filter ablation;
+            for f in ("momentum", "gradient", "update", "random")}  # one family each, 2 rates
+ALPHAS = {**{f"mofo-α{a:g}": dict(method="mofo", alpha=a) for a in (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)},
+          "full": dict(method="full")}  # α = 1 is AdamW, bitwise, so it equals this run
 CONTINUAL = {  # add -> reverse -> sort -> count; L1 and LoRA left out (below L2 and full on the frontier)
     "full": dict(method="full"),
     **knob("mofo", "mofo", "alpha", (0.05,)),                     # the paper's α for continual tuning
@@ -78,6 +78,17 @@ SIZES = {  # width (head size 32 throughout, same depth): each pre-trained to >=
 SCALE = {"full": dict(method="full"),  # each family at its best knob on the 128-wide frontier
          **knob("mofo", "mofo", "alpha", (0.05,)), **knob("hft", "hft", "hft_ratio", (0.25,)),
          **knob("l2", "l2", "reg", (1e-2,))}
+RATES = {  # issue 22's low-rate axis: one configuration per family, so every family gets the same 5 rates
+    "full": dict(method="full"),
+    "mofo-α0.05": dict(method="mofo", alpha=0.05),               # the paper's continual α
+    "mofo-α0.1": dict(method="mofo", alpha=0.1),                 # the paper's default α
+    "hft": dict(method="hft", hft_ratio=0.5),                    # the paper's half, by category
+    "l2": dict(method="l2", reg=1e-2),
+    "lora-all": dict(method="lora", rank=8),                     # PEFT's defaults (r 8, lora_alpha 16, no
+    "lora-qv": dict(method="lora", rank=8, lora_targets="qv"),   # dropout) on all block matrices / on q, v
+}
+RATE_AXIS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)  # 1/30 ... 2/3 of pre-training's 3e-3, a 1-2-5 grid; LoRA x4
+RATE_STEPS = 2000  # fixed from one pilot (full, lr 1e-4, 4000 steps): task accuracy 79% at 1000, 95% at 2000
 QUIET = dict(log_interval=10**9, ckpt_interval=0,  # sweeps keep each run's JSON, not its checkpoints,
              device="cpu")  # and pre-train and fine-tune on the CPU: a GPU's bf16 autocast rounds apart, same key
 
@@ -96,6 +107,7 @@ SWEEPS = {"frontier": Sweep(FRONTIER),
           "alpha": Sweep(ALPHAS, lrs=(1e-3,), lr_for={}),
           "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
                              lr_for={}, base=dict(QUIET, max_iters=400, curve_points=1, eval_problems=200))}
+SWEEPS["rates"] = Sweep(RATES, lrs=RATE_AXIS, lr_for={}, base=dict(QUIET, max_iters=RATE_STEPS))
 SCALE_RATES = {64: 2, 128: 2, 192: 1}  # rates per method; a 192-wide run costs ~5x a 64-wide one: one fit
 SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:n], lr_for={"full": FULL_LRS[::2][:n]}, base=dict(QUIET, **SIZES[w]))
                for w, n in SCALE_RATES.items()})  # 1e-3 then 2e-3 (full: 5e-4 then 1.26e-3); 1e-3 was best at 128
@@ -279,13 +291,21 @@ def export(name, results, path=None):
                                separators=(",", ":")))
     return path
 
+def whole_seeds(sweep, results):
+    """(the sweep cut to the seeds of which `results` holds every run, those runs): the tables and
+    figures compare methods on whole seeds only, so that a cut-short sweep compares like with like."""
+    runs = configs(sweep)
+    seeds = tuple(s for s in sweep.seeds if all(r[3] in results for r in runs if r[2] == s))
+    return replace(sweep, seeds=seeds), {r[3]: results[r[3]] for r in runs if r[2] in seeds}
+
+def fresh(sweep, out_dir=None):
+    """{key: metrics} of the sweep's cached runs that follow the code in front of us. Computes nothing."""
+    return {key: m for *_, key, cfg in configs(sweep, out_dir)
+            if (m := cached(cfg)) is not None and not stale(m, tt.FINGERPRINT)}
+
 def complete(sweep, out_dir=None):
-    """(the sweep cut to its finished seeds, their cached runs): the seeds of which every run is
-    cached and follows the code in front of us. Computes nothing."""
-    runs = configs(sweep, out_dir)
-    got = {key: m for *_, key, cfg in runs if (m := cached(cfg)) is not None and not stale(m, tt.FINGERPRINT)}
-    seeds = tuple(s for s in sweep.seeds if all(r[3] in got for r in runs if r[2] == s))
-    return replace(sweep, seeds=seeds), {r[3]: got[r[3]] for r in runs if r[2] in seeds}
+    """whole_seeds() of the cache: the finished seeds and their runs."""
+    return whole_seeds(sweep, fresh(sweep, out_dir))
 
 def load(name, path=None, echo=print):
     """The committed results of a sweep; says loudly when the code in front of us is not the code
@@ -439,13 +459,16 @@ def main(argv=None):
         restore(sweep, args.out_dir)
     if args.revalidate:
         return 0 if revalidate(sweep, args.out_dir, workers=args.workers) else 1
-    if args.export:  # what the cache holds of whole seeds; a cut-short sweep exports its finished seeds
-        done, results = complete(sweep, args.out_dir)
-        if not results:
-            p.error(f"no finished seed of the {args.sweep} sweep in the cache: run `python sweep.py --sweep {args.sweep}` first")
-        print(f"{args.sweep}: seeds {list(done.seeds)} of {list(sweep.seeds)} finished, {len(results)} runs\n")
-        print(table(summary(done, results, args.out_dir)) if "," not in sweep_tasks(sweep) else continual_table(done, results))
-        print(f"\nwrote {export(args.sweep + ('_smoke' if args.preset else ''), results)}")
+    if args.export:  # every fresh run, so that a cut-short sweep resumes from results/ on a fresh clone;
+        runs = fresh(sweep, args.out_dir)  # the tables (here and in the notebooks) take its whole seeds
+        if not runs:
+            p.error(f"no run of the {args.sweep} sweep in the cache follows the code: run `python sweep.py --sweep {args.sweep}` first")
+        done, results = whole_seeds(sweep, runs)
+        print(f"{args.sweep}: seeds {list(done.seeds)} of {list(sweep.seeds)} finished, {len(results)} runs; "
+              f"{len(runs) - len(results)} runs of unfinished seeds kept for the next session\n")
+        if results:
+            print(table(summary(done, results, args.out_dir)) if "," not in sweep_tasks(sweep) else continual_table(done, results))
+        print(f"\nwrote {export(args.sweep + ('_smoke' if args.preset else ''), runs)}")
         return 0
     t0 = time.time()
     results, computed = run_sweep(sweep, args.out_dir, args.workers)

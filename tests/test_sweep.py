@@ -97,13 +97,27 @@ def test_every_method_gets_the_same_number_of_configurations():
 
 
 def test_committed_results_keep_their_keys_and_compile_gets_its_own():
-    for name in ("frontier", "scale64", "scale128", "scale192", "continual"):  # the keys of the runs in results/ are today's
+    for name in ("frontier", "scale64", "scale128", "scale192", "continual", "ablation", "alpha"):  # the keys of the runs in results/ are today's
         committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]
         assert set(committed) == {key for *_, key, _ in sweep.configs(sweep.SWEEPS[name])}, name
     s = sweep.SWEEPS["frontier"]
     assert {cfg.device for *_, cfg in sweep.configs(s)} == {"cpu"}  # on any machine: not under a GPU's autocast
     compiled = sweep.configs(replace(s, base={**s.base, "compile": True}))  # torch.compile rounds apart:
     assert not {key for *_, key, _ in compiled} & {key for *_, key, _ in sweep.configs(s)}  # never served eager
+
+
+def test_committed_alpha_one_runs_are_full_fine_tuning_bit_for_bit():
+    """MoFO at α = 1 is AdamW: in results/alpha.json its run equals full fine-tuning's, seed by seed,
+    in every measured number (the curves included), all but the clock and the method's name."""
+    runs = sweep.load("alpha", echo=lambda msg: None)
+    by = {(label, seed): runs[key] for label, lr, seed, key, _ in sweep.configs(sweep.SWEEPS["alpha"])}
+    for seed in sweep.SWEEPS["alpha"].seeds:
+        mofo, full = by["mofo-α1", seed], by["full", seed]
+        measured = [k for k in full if k not in sweep.NOT_COMPARED + ("method",)]
+        assert len(measured) > 20 and "curve" in measured and "fact_mc_after" in measured
+        assert {k: mofo[k] for k in measured} == {k: full[k] for k in measured}, seed
+        assert mofo["method"] == "mofo" and mofo["config"]["alpha"] == 1.0 and full["method"] == "full"
+    assert by["mofo-α0.5", 0]["curve"] != by["full", 0]["curve"]  # the comparison can tell runs apart
 
 
 def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
