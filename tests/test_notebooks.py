@@ -97,6 +97,25 @@ for name in ("04_scale", "04_loss_vs_forgetting"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
+    "05_mofo_knobs.ipynb": """
+assert set(FRONT_F) == {sweep.family(label) for label in sweep.ABLATION}
+assert set(FRONT_A) == {sweep.family(label) for label in sweep.ALPHAS}
+for rows, name in ((FRONT_F, "ablation"), (FRONT_A, "alpha")):  # each seed's envelope: a Pareto front of its runs
+    curves = sweep.curves(SWEEPS[name], RESULTS[name])
+    for fam, r in rows.items():
+        assert r["n_runs"] == r["n_configs"] * r["n_seeds"] == len(SWEEPS[name].lrs) * len(SWEEPS[name].seeds), fam
+        for seed, front in r["fronts"].items():
+            pts = [sweep.xy_of(p) for _, _, c in curves[fam][seed] for p in c]
+            assert front and set(front) <= set(pts), fam
+            assert not any(x >= fx and y >= fy and (x, y) != (fx, fy) for fx, fy in front for x, y in pts), fam
+assert set(KEPT) == {0.5, 0.8} and all(k.shape == (len(ALPHA_OF), 3) for k in KEPT.values())
+assert sorted(KEPT[0.8][:, 0]) == sorted(ALPHA_OF.values())
+assert EQUAL and all(diff == [] for diff in EQUAL.values())  # α = 1 is full fine-tuning, every field
+assert BY["mofo-α0.5", 0]["curve"] != BY["full", 0]["curve"]  # the comparison tells other runs apart
+for name in ("05_filters", "05_alpha"):
+    assert (FIGURES / f"{name}.png").stat().st_size > 0
+assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
+""",
 }
 
 
