@@ -3,6 +3,8 @@
     python sweep.py                    # the headline frontier sweep on 2 CPU cores, then its tables
     python sweep.py --sweep v1         # the same on the v1 corpus (no digits in pre-training)
     python sweep.py --sweep ablation   # MoFO's filter ablation (momentum/gradient/update/random)
+    python sweep.py --sweep alpha      # MoFO's α from 0.01 to 1, beside full fine-tuning (= α 1)
+    python sweep.py --sweep rates      # every method at the same 5 rates, 1e-4 ... 2e-3 (LLM practice)
     python sweep.py --sweep continual  # four tasks in a row, every method: accuracy matrix, OP, BWT
     python sweep.py --preset smoke     # a sweep's whole pipeline on a toy model, in seconds (CI)
     python sweep.py --revalidate       # after a code change: re-run a few cached runs, re-stamp if equal
@@ -19,6 +21,8 @@ std over seeds of the knowledge kept at a matched task accuracy.
 Every run is one train_tiny.run(); its metrics land in <out_dir>/sweep/<key>.json with the
 fingerprint of the code that produced them. A cached run is served only while its configuration
 *and* that code are unchanged; otherwise it is recomputed, and the sweep says which files changed.
+An empty cache (a fresh clone) is first filled from the committed results/*.json, stamps and all,
+so that a run the code still makes is not computed twice.
 """
 import argparse
 import concurrent.futures as cf
