@@ -116,6 +116,22 @@ for name in ("05_filters", "05_alpha"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
+    "06_rates.ipynb": """
+assert set(FRONT) == set(sweep.RATES) and SWEEP.seeds and set(RESULTS) <= set(ALL)
+for fam, r in FRONT.items():  # every family tuned over the same rates
+    assert r["n_configs"] == len(SWEEP.lrs) and r["n_runs"] == len(SWEEP.lrs) * len(SWEEP.seeds), fam
+assert set(PER_RATE) == set(SWEEP.lrs) and all(r["n_configs"] == 1 for rows in PER_RATE.values() for r in rows.values())
+for label, lr, seed, key, cfg in sweep.configs(SWEEP):  # the grid as stated: LoRA at 4x, q and v for lora-qv
+    assert cfg.lr == lr * (4 if cfg.method == "lora" else 1) and cfg.max_iters == STEPS, label
+    assert (cfg.lora_targets == "qv") == (label == "lora-qv") and RESULTS[key]["config"]["lr"] == cfg.lr, label
+for fam in FRONT:  # the right-hand panel is the runs' end-point task accuracy
+    runs = [m["task_acc"] for l, lr, s, m in sweep.trained(SWEEP, RESULTS) if sweep.family(l) == fam and lr == LOW]
+    assert np.isclose(FINAL[fam][LOW], np.mean(runs)), fam
+assert set(TRANS) == set(sweep.RATES)
+for name in ("06_frontier", "06_per_rate", "06_low_rate_curves"):
+    assert (FIGURES / f"{name}.png").stat().st_size > 0
+assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
+""",
 }
 
 
