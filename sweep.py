@@ -487,7 +487,7 @@ def main(argv=None):
     return 0
 
 def quick_main(sweep, args):
-    restore(sweep, args.out_dir)  # full's and MoFO's runs are the frontier sweep's: no need to recompute them
+    restore(sweep, args.out_dir)  # full's and MoFO's runs are in the committed sweeps: not computed again
     t0 = time.time()
     results, computed = run_sweep(sweep, args.out_dir, args.workers)
     rows = summary(sweep, results, args.out_dir)
