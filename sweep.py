@@ -6,6 +6,7 @@
     python sweep.py --sweep alpha      # MoFO's α from 0.01 to 1, beside full fine-tuning (= α 1)
     python sweep.py --sweep rates      # every method at the same 5 rates, 1e-4 ... 2e-3 (LLM practice)
     python sweep.py --sweep continual  # four tasks in a row, every method: accuracy matrix, OP, BWT
+    python sweep.py --sweep continual_low  # the same at each method's best low rate, 2000 steps per task
     python sweep.py --preset smoke     # a sweep's whole pipeline on a toy model, in seconds (CI)
     python sweep.py --revalidate       # after a code change: re-run a few cached runs, re-stamp if equal
     python sweep.py --export           # results/<sweep>.json from the cache: what the notebooks draw
@@ -112,6 +113,14 @@ SWEEPS = {"frontier": Sweep(FRONTIER),
           "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
                              lr_for={}, base=dict(QUIET, max_iters=400, curve_points=1, eval_problems=200))}
 SWEEPS["rates"] = Sweep(RATES, lrs=RATE_AXIS, lr_for={}, base=dict(QUIET, max_iters=RATE_STEPS))
+BEST_RATE = {"full": 1e-4, "mofo alpha=0.1": 2e-4, "hft": 2e-4, "l2 reg=0.01": 1e-4}  # each family's best rate on
+# the rates sweep (facts kept at 80% task accuracy, seeds 0-1; MoFO's best is α 0.1), fixed before any run below
+CONTINUAL_LOW = {"full": CONTINUAL["full"], "mofo alpha=0.1": dict(method="mofo", alpha=0.1), "hft": CONTINUAL["hft"],
+                 "l2 reg=0.01": CONTINUAL["l2 reg=0.01"],
+                 "task-replay 10%": CONTINUAL["task-replay 10%"]}  # the positive control, at full's rate
+SWEEPS["continual_low"] = Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL_LOW.items()},
+                                lrs=(BEST_RATE["full"],), lr_for={k: (r,) for k, r in BEST_RATE.items()},
+                                base=dict(QUIET, max_iters=RATE_STEPS, curve_points=1, eval_problems=200))
 SCALE_RATES = {64: 2, 128: 2, 192: 1}  # rates per method; a 192-wide run costs ~5x a 64-wide one: one fit
 SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:n], lr_for={"full": FULL_LRS[::2][:n]}, base=dict(QUIET, **SIZES[w]))
                for w, n in SCALE_RATES.items()})  # 1e-3 then 2e-3 (full: 5e-4 then 1.26e-3); 1e-3 was best at 128
@@ -358,6 +367,14 @@ def kept_at(front, acc):
     for (x0, y0), (x1, y1) in zip(front, front[1:]):
         if x0 <= acc <= x1:
             return y0 + (y1 - y0) * (acc - x0) / (x1 - x0)
+
+def mean_front(row, grid, target=lambda a: a):
+    """Mean and std over seeds of the knowledge on each seed's envelope (a summary() row) at each
+    task accuracy of `grid`; nan where a seed's envelope never gets there, so no mean is drawn."""
+    vals = torch.tensor([[float("nan") if (k := kept_at(f, target(a))) is None else k for a in grid]
+                         for f in row["fronts"].values()], dtype=torch.float64)
+    std = vals.std(0) if len(vals) > 1 else torch.zeros(len(grid), dtype=torch.float64)  # std over seeds (n - 1)
+    return vals.mean(0).numpy(), std.numpy()
 
 def mean_std(values):
     t = torch.tensor(values, dtype=torch.float64)
