@@ -91,7 +91,10 @@ RATES = {  # issue 22's low-rate axis: one configuration per family, so every fa
     "l2": dict(method="l2", reg=1e-2),
     "lora-all": dict(method="lora", rank=8),                     # PEFT's defaults (r 8, lora_alpha 16, no
     "lora-qv": dict(method="lora", rank=8, lora_targets="qv"),   # dropout) on all block matrices / on q, v
-}
+    "lora-r1": dict(method="lora", rank=1),  # a rank as small against the width (1/128) as an LLM's 8 of 4096 is
+}                                            # (1/512) nearly: added after seeds 0-1, before any of its runs
+R1_SCALE = 4.0 / 8  # rank 1's scale 16/1 is 8x rank 8's 16/8, and under Adam the scale acts as a rate factor
+                    # (LoRA paper, section 4.1): 1/8 of rank 8's rates keeps scale x rate on rank 8's grid
 RATE_AXIS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)  # 1/30 ... 2/3 of pre-training's 3e-3, a 1-2-5 grid; LoRA x4
 RATE_STEPS = 2000  # fixed from one pilot (full, lr 1e-4, 4000 steps): task accuracy 79% at 1000, 95% at 2000
 QUIET = dict(log_interval=10**9, ckpt_interval=0,  # sweeps keep each run's JSON, not its checkpoints,
@@ -102,7 +105,7 @@ class Sweep:
     methods: dict
     lrs: tuple = LRS
     lr_for: dict = field(default_factory=lambda: {"full": FULL_LRS, "replay 25%": (1e-3,)})  # own grids
-    lr_scale: dict = field(default_factory=lambda: {"lora": 4.0})      # LoRA's usual rates are higher
+    lr_scale: dict = field(default_factory=lambda: {"lora": 4.0})      # LoRA's usual rates are higher (by label or method)
     seeds: tuple = (0, 1, 2)
     base: dict = field(default_factory=lambda: dict(QUIET))
 
@@ -112,7 +115,8 @@ SWEEPS = {"frontier": Sweep(FRONTIER),
           "alpha": Sweep(ALPHAS, lrs=(1e-3,), lr_for={}),
           "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
                              lr_for={}, base=dict(QUIET, max_iters=400, curve_points=1, eval_problems=200))}
-SWEEPS["rates"] = Sweep(RATES, lrs=RATE_AXIS, lr_for={}, base=dict(QUIET, max_iters=RATE_STEPS))
+SWEEPS["rates"] = Sweep(RATES, lrs=RATE_AXIS, lr_for={}, lr_scale={"lora": 4.0, "lora-r1": R1_SCALE},
+                        base=dict(QUIET, max_iters=RATE_STEPS))
 BEST_RATE = {"full": 1e-4, "mofo alpha=0.1": 2e-4, "hft": 2e-4, "l2 reg=0.01": 1e-4}  # each family's best rate on
 # the rates sweep (facts kept at 80% task accuracy, seeds 0-1; MoFO's best is α 0.1), fixed before any run below
 CONTINUAL_LOW = {"full": CONTINUAL["full"], "mofo alpha=0.1": dict(method="mofo", alpha=0.1), "hft": CONTINUAL["hft"],
@@ -155,7 +159,7 @@ def configs(sweep, out_dir=None):
         for label, flags in sweep.methods.items():
             for lr in sweep.lr_for.get(label, sweep.lrs):
                 cfg = tt.Config(**{**sweep.base, **flags, "seed": seed,
-                                   "lr": lr * sweep.lr_scale.get(flags["method"], 1.0)})
+                                   "lr": lr * sweep.lr_scale.get(label, sweep.lr_scale.get(flags["method"], 1.0))})
                 cfg = replace(cfg, out_dir=out_dir or cfg.out_dir)
                 what = {k: v for k, v in asdict(cfg).items() if k not in tt.RUNTIME_KEYS + ("out_dir", "run_name")
                         and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}

