@@ -7,6 +7,7 @@
     python sweep.py --sweep rates      # every method at the same 5 rates, 1e-4 ... 2e-3 (LLM practice)
     python sweep.py --sweep continual  # four tasks in a row, every method: accuracy matrix, OP, BWT
     python sweep.py --sweep continual_low  # the same at each method's best low rate, 2000 steps per task
+    python sweep.py --sweep tokens64   # full and MoFO at their best low rates, every width on the same tokens
     python sweep.py --preset smoke     # a sweep's whole pipeline on a toy model, in seconds (CI)
     python sweep.py --revalidate       # after a code change: re-run a few cached runs, re-stamp if equal
     python sweep.py --export           # results/<sweep>.json from the cache: what the notebooks draw
@@ -128,6 +129,14 @@ SWEEPS["continual_low"] = Sweep({k: dict(v, tasks="add,reverse,sort,count") for 
 SCALE_RATES = {64: 2, 128: 2, 192: 1}  # rates per method; a 192-wide run costs ~5x a 64-wide one: one fit
 SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:n], lr_for={"full": FULL_LRS[::2][:n]}, base=dict(QUIET, **SIZES[w]))
                for w, n in SCALE_RATES.items()})  # 1e-3 then 2e-3 (full: 5e-4 then 1.26e-3); 1e-3 was best at 128
+# Scale without the pre-training confound: every width pre-trained on the 128-wide model's tokens (1200
+# steps x 32 x 128), then full fine-tuning and MoFO at their best low rates. Fixed before any tokens64 or
+# tokens192 run; tokens128's runs are the rates sweep's.
+TOKENS = {"full": dict(method="full"), "mofo alpha=0.1": dict(method="mofo", alpha=0.1)}
+for w in SIZES:
+    SWEEPS[f"tokens{w}"] = Sweep(TOKENS, lrs=(BEST_RATE["full"],), lr_for={k: (BEST_RATE[k],) for k in TOKENS},
+                                 base=dict(QUIET, max_iters=RATE_STEPS,
+                                           **{**SIZES[w], "pretrain_max_iters": tt.Config().pretrain_max_iters}))
 SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed

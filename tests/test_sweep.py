@@ -101,6 +101,17 @@ def test_every_method_gets_the_same_number_of_configurations():
     assert not {key for *_, key, _ in runs} & {key for *_, key, _ in longer}  # the key follows the config
 
 
+def test_scale_at_matched_tokens_pretrains_every_width_on_the_same_tokens():
+    runs = {w: sweep.configs(sweep.SWEEPS[f"tokens{w}"]) for w in (64, 128, 192)}
+    tokens = {w: {c.pretrain_max_iters * c.pretrain_batch_size * c.block_size for *_, c in r} for w, r in runs.items()}
+    assert tokens[64] == tokens[128] == tokens[192] == {1200 * 32 * 128}
+    assert [{c.n_embd for *_, c in r} for r in runs.values()] == [{64}, {128}, {192}]
+    for w, r in runs.items():  # each method at its best rate on the rates sweep, with its step budget
+        assert {(label, c.lr, c.max_iters) for label, _, _, _, c in r} == {
+            ("full", 1e-4, sweep.RATE_STEPS), ("mofo alpha=0.1", 2e-4, sweep.RATE_STEPS)}, w
+    assert {key for *_, key, _ in runs[128]} <= {key for *_, key, _ in sweep.configs(sweep.SWEEPS["rates"])}
+
+
 def test_committed_results_keep_their_keys_and_compile_gets_its_own():
     for name in ("frontier", "scale64", "scale128", "scale192", "continual", "ablation", "alpha"):  # the keys of the runs in results/ are today's
         committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]
