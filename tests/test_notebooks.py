@@ -77,7 +77,14 @@ for (fam, y), front in FRONTS.items():  # every front point is a configuration's
     pts = [(r["OP"][0], r[y][0]) for (label, _), r in SUMMARY.items() if sweep.family(label) == fam]
     assert set(front) <= set(pts) and front, fam
 assert set(R) == set(sweep.CONTINUAL)
-for name in ("03_op_bwt", "03_accuracy_matrices"):
+assert {label for label, _ in LOW} == set(sweep.CONTINUAL_LOW) and LOW_SWEEP.seeds
+for label, lr, seed, m in sweep.trained(LOW_SWEEP, LOW_RESULTS):  # the low-rate runs: the same definitions
+    r = np.array(m["R"])
+    assert np.isclose(m["OP"], r[-1].mean()) and m["config"]["max_iters"] == low_first["config"]["max_iters"], label
+assert set(PAIRS) == {sweep.family(label) for label in sweep.CONTINUAL_LOW}  # every family beside its high-rate run
+assert all(hi[0][1] == LR and PAIRS[f][1][1] is LOW[lo[0]] for f, (hi, lo) in PAIRS.items())
+assert len(R_LOW) == len(LOW)
+for name in ("03_op_bwt", "03_accuracy_matrices", "03_low_rates", "03_low_rate_matrices"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
