@@ -48,7 +48,7 @@ for fam, r in FRONT.items():  # every seed's envelope is a Pareto front of its r
         assert set(front) <= set(pts), fam
         for fx, fy in front:
             assert not any(x >= fx and y >= fy and (x, y) != (fx, fy) for x, y in pts), fam
-    m, s = mean_front(FRONT, fam, GRID)
+    m, s = sweep.mean_front(FRONT[fam], GRID)
     assert np.all((m[~np.isnan(m)] >= 0) & (m[~np.isnan(m)] <= 1)), fam
 for fam, by_seed in CURVES.items():  # every run evaluated at step 0 and along the way, to the budget
     for runs in by_seed.values():
