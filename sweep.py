@@ -124,7 +124,7 @@ CONTINUAL_LOW = {"full": CONTINUAL["full"], "mofo alpha=0.1": dict(method="mofo"
                  "l2 reg=0.01": CONTINUAL["l2 reg=0.01"],
                  "task-replay 10%": CONTINUAL["task-replay 10%"]}  # the positive control, at full's rate
 SWEEPS["continual_low"] = Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL_LOW.items()},
-                                lrs=(BEST_RATE["full"],), lr_for={k: (r,) for k, r in BEST_RATE.items()},
+                                lrs=(BEST_RATE["full"],), lr_for={k: (r,) for k, r in BEST_RATE.items()},  # lrs: smoke's
                                 base=dict(QUIET, max_iters=RATE_STEPS, curve_points=1, eval_problems=200))
 SCALE_RATES = {64: 2, 128: 2, 192: 1}  # rates per method; a 192-wide run costs ~5x a 64-wide one: one fit
 SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:n], lr_for={"full": FULL_LRS[::2][:n]}, base=dict(QUIET, **SIZES[w]))
