@@ -120,7 +120,7 @@ SWEEPS["rates"] = Sweep(RATES, lrs=RATE_AXIS, lr_for={}, lr_scale={"lora": 4.0, 
                         base=dict(QUIET, max_iters=RATE_STEPS))
 BEST_RATE = {"full": 1e-4, "mofo alpha=0.1": 2e-4, "hft": 2e-4, "l2 reg=0.01": 1e-4}  # each family's best rate on
 # the rates sweep (facts kept at 80% task accuracy, seeds 0-1; MoFO's best is α 0.1), fixed before any run below
-CONTINUAL_LOW = {"full": CONTINUAL["full"], "mofo alpha=0.1": dict(method="mofo", alpha=0.1), "hft": CONTINUAL["hft"],
+CONTINUAL_LOW = {"full": CONTINUAL["full"], **knob("mofo", "mofo", "alpha", (0.1,)), "hft": CONTINUAL["hft"],
                  "l2 reg=0.01": CONTINUAL["l2 reg=0.01"],
                  "task-replay 10%": CONTINUAL["task-replay 10%"]}  # the positive control, at full's rate
 SWEEPS["continual_low"] = Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL_LOW.items()},
@@ -132,7 +132,7 @@ SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:n], lr_for={"full": FULL_LRS[:
 # Scale without the pre-training confound: every width pre-trained on the 128-wide model's tokens (1200
 # steps x 32 x 128), then full fine-tuning and MoFO at their best low rates. Fixed before any tokens64 or
 # tokens192 run; tokens128's runs are the rates sweep's.
-TOKENS = {"full": dict(method="full"), "mofo alpha=0.1": dict(method="mofo", alpha=0.1)}
+TOKENS = {"full": dict(method="full"), **knob("mofo", "mofo", "alpha", (0.1,))}
 for w in SIZES:
     SWEEPS[f"tokens{w}"] = Sweep(TOKENS, lrs=(BEST_RATE["full"],), lr_for={k: (BEST_RATE[k],) for k in TOKENS},
                                  base=dict(QUIET, max_iters=RATE_STEPS,
