@@ -100,7 +100,18 @@ for (fam, w), (slope, icpt, r, n) in FIT.items():
     assert n > 2 and np.isfinite(slope) and (-1 <= r <= 1 or np.isnan(r)), (fam, w)  # nan: flat (toy) knowledge
 for fam in {f for f, _ in FIT}:  # the pooled fit has every size's points
     assert sum(FIT[f, w][3] for f, w in FIT if f == fam and w != "all") == FIT[fam, "all"][3], fam
-for name in ("04_scale", "04_loss_vs_forgetting"):
+assert set(T_SWEEPS) == set(SWEEPS) and set(T_FAMILIES) == {sweep.family(label) for label in sweep.TOKENS}
+T_CFGS = {w: [c for *_, c in sweep.configs(sw)] for w, sw in T_SWEEPS.items()}  # every width: the same tokens
+assert len({(c.pretrain_max_iters, c.pretrain_batch_size, c.block_size, c.max_iters) for cs in T_CFGS.values() for c in cs}) == 1
+assert all({c.n_embd for c in T_CFGS[w]} == {sweep.configs(SWEEPS[w])[0][4].n_embd} for w in T_SWEEPS)  # the widths above
+assert any(T_SCALE.values())  # something is drawn (a check of no points could not fail)
+for (fam, a), pts in T_SCALE.items():  # the plotted shares are the summary's means over what that width knew
+    for w in T_SWEEPS:
+        assert (T_FRONT[w][fam]["at"][a][0] is None) == all(p[0] != PARAMS[w] for p in pts), (fam, a, w)
+    for p in pts:
+        w = next(w for w in T_SWEEPS if PARAMS[w] == p[0])
+        assert (p[1], p[2]) == T_FRONT[w][fam]["at"][a][0] and np.isclose(p[3], p[1] / T_BEFORE[w]), (fam, a, w)
+for name in ("04_scale", "04_loss_vs_forgetting", "04_scale_tokens"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
