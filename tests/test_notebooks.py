@@ -146,7 +146,16 @@ for fam in FRONT:  # the right-hand panel is the runs' end-point task accuracy
     runs = [m["task_acc"] for l, lr, s, m in sweep.trained(SWEEP, RESULTS) if sweep.family(l) == fam and lr == LOW]
     assert np.isclose(FINAL[fam][LOW], np.mean(runs)), fam
 assert set(TRANS) == set(sweep.RATES)
-for name in ("06_frontier", "06_per_rate", "06_low_rate_curves"):
+assert set(BY_BUDGET[LONG_STEPS]) == set(BY_BUDGET[STEPS]) == {sweep.family(k) for k in sweep.SWEEPS["rates_long"].methods}
+short = {(label, seed): cfg for label, lr, seed, key, cfg in sweep.configs(SHORT_SWEEP)}
+for label, lr, seed, key, cfg in sweep.configs(LONG_SWEEP):  # the rates sweep's lowest rate, twice its steps, nothing else
+    assert cfg.max_iters == 2 * STEPS and key not in RESULTS and LONG_RESULTS[key]["config"]["max_iters"] == 2 * STEPS, label
+    assert replace(cfg, max_iters=STEPS, run_name="") == replace(short[label, seed], run_name=""), label
+for n, (sw, res) in BUDGET.items():  # each budget's table row is its own runs' mean end accuracy
+    for fam in BY_BUDGET[n]:
+        runs = [m["task_acc"] for l, _, _, m in sweep.trained(sw, res) if sweep.family(l) == fam]
+        assert len(runs) == len(LONG_SWEEP.seeds) and np.isclose(END[n][fam], np.mean(runs)), (n, fam)
+for name in ("06_frontier", "06_per_rate", "06_low_rate_curves", "06_long_budget"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,

@@ -114,10 +114,11 @@ def test_scale_at_matched_tokens_pretrains_every_width_on_the_same_tokens():
 
 
 def test_committed_results_keep_their_keys_and_compile_gets_its_own():
-    for name in ("frontier", "scale64", "scale128", "scale192", "continual", "ablation", "alpha"):  # the keys of the runs in results/ are today's
+    for name in ("frontier", "scale64", "scale128", "scale192", "continual", "ablation", "alpha", "rates",
+                 "continual_low", "tokens64", "tokens128", "tokens192"):  # the keys of the runs in results/ are today's
         committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]
         assert set(committed) == {key for *_, key, _ in sweep.configs(sweep.SWEEPS[name])}, name
-    for name in ("rates", "continual_low"):  # sweeps that run over sessions: every committed run is one of today's, and
+    for name in ("rates_long",):  # sweeps that run over sessions: every committed run is one of today's, and
         committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]  # a seed is whole
         assert set(committed) <= {key for *_, key, _ in sweep.configs(sweep.SWEEPS[name])}, name
         assert sweep.whole_seeds(sweep.SWEEPS[name], committed)[0].seeds, name
