@@ -427,17 +427,21 @@ def transitions(sweep, results, out_dir=None, level=0.5, task="add"):
             (p["iter"] for p in m["curve"] if p[f"{task}_acc"] >= level), None)
     return out
 
+def kept_cell(row, a):
+    """A summary() row's knowledge at `a` as a table cell: mean ± std, and how many seeds reach it
+    when not all do."""
+    ms, n = row["at"][a]
+    if ms is None:
+        return "not reached"
+    return f"{ms[0]:.1%} ± {ms[1]:.1%}" + ("" if n == row["n_seeds"] else f" ({n}/{row['n_seeds']} seeds)")
+
 def table(rows, x="acc"):
     at = list(next(iter(rows.values()))["at"])
     name = (lambda a: f"{a:.0%} task acc") if x == "acc" else (lambda a: f"answer loss {a:g}")
     head = "| method (configs × seeds = runs) | best | " + " | ".join(f"knowledge at {name(a)}" for a in at) + " |"
     lines = [head, "|---" * (2 + len(at)) + "|"]
     for fam, r in rows.items():
-        cells = []
-        for a in at:
-            ms, n = r["at"][a]
-            cells.append("not reached" if ms is None else
-                         f"{ms[0]:.1%} ± {ms[1]:.1%}" + ("" if n == r["n_seeds"] else f" ({n}/{r['n_seeds']} seeds)"))
+        cells = [kept_cell(r, a) for a in at]
         best = f"{r['best']:.1%}" if x == "acc" else f"{-r['best']:.3f}"
         lines.append(f"| {fam} ({r['n_configs']} × {r['n_seeds']} = {r['n_runs']}) | {best} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

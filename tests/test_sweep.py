@@ -115,13 +115,9 @@ def test_scale_at_matched_tokens_pretrains_every_width_on_the_same_tokens():
 
 def test_committed_results_keep_their_keys_and_compile_gets_its_own():
     for name in ("frontier", "scale64", "scale128", "scale192", "continual", "ablation", "alpha", "rates",
-                 "continual_low", "tokens64", "tokens128", "tokens192"):  # the keys of the runs in results/ are today's
+                 "rates_long", "continual_low", "tokens64", "tokens128", "tokens192"):  # every run in results/, today's keys
         committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]
         assert set(committed) == {key for *_, key, _ in sweep.configs(sweep.SWEEPS[name])}, name
-    for name in ("rates_long",):  # sweeps that run over sessions: every committed run is one of today's, and
-        committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]  # a seed is whole
-        assert set(committed) <= {key for *_, key, _ in sweep.configs(sweep.SWEEPS[name])}, name
-        assert sweep.whole_seeds(sweep.SWEEPS[name], committed)[0].seeds, name
     s = sweep.SWEEPS["frontier"]
     assert {cfg.device for *_, cfg in sweep.configs(s)} == {"cpu"}  # on any machine: not under a GPU's autocast
     compiled = sweep.configs(replace(s, base={**s.base, "compile": True}))  # torch.compile rounds apart:
