@@ -2,8 +2,6 @@
 processes on the CPU, each holding half of every tensor's rows, must find the same whole-tensor
 mask as one process holding all of it. Seconds (most of them the two processes importing torch)."""
 import io
-import os
-import socket
 
 import pytest
 import torch
@@ -83,10 +81,11 @@ def check_fsdp_equals_one_process(mesh, filter, alpha, steps=6):
         MoFO(sharded.parameters(), fast=False).step()
 
 
-def worker(rank, world, port):
+def worker(rank, world, store):
     torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # rendezvous through a file, not a port picked free and released: another process (a Jupyter
+    # kernel, a second test run) can take such a port before rank 0 binds it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         from torch.distributed.device_mesh import init_device_mesh
         mesh = init_device_mesh("cpu", (world,))
@@ -102,11 +101,5 @@ def worker(rank, world, port):
         dist.destroy_process_group()
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_fsdp_mofo_equals_one_process_bitwise():
-    torch.multiprocessing.spawn(worker, args=(2, free_port()), nprocs=2)
+def test_fsdp_mofo_equals_one_process_bitwise(tmp_path):
+    torch.multiprocessing.spawn(worker, args=(2, tmp_path / "rendezvous"), nprocs=2)
