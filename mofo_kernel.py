@@ -1,19 +1,19 @@
 """
 MoFO's steps 4-5 compiled for the CPU: opt-in, MoFO(..., compiled=True), bit for bit the same.
 
-mofo.py finds a big tensor's exact threshold tau (the k-th largest |m|) in eager PyTorch: a
+mofo_fast.py finds a big tensor's exact threshold tau (the k-th largest |m|) in eager PyTorch: a
 strided sample brackets tau, `band` splits the tensor into the entries above the bracket
 (counted) and inside it (gathered), and an exact selection among the few gathered ones gives
 tau; then `hardshrink` masks m and `addcdiv_` takes the step. Eagerly, that is a chain of full
 passes (abs, two comparisons, a count, a subtraction, a scan, a gather, the mask, the step),
 each about as costly as one of AdamW's, plus a dozen small ops per tensor. Here it is two calls:
 
-    mofo_threshold: the same bracket (mofo.bracket), then one read of m for the band, then an
+    mofo_threshold: the same bracket (mofo_fast.bracket), then one read of m for the band, then an
                     exact selection on the floats' bits  ->  tau, count; or "missed"
     mofo_apply:     p = p + (-step_size * (|m| >= tau ? m : 0)) / denom, in addcdiv_'s
                     operation order, so the parameters are bitwise those of the eager step
 
-The bracket is only a guess (a miss falls back to mofo.py's full selection); tau is always an
+The bracket is only a guess (a miss falls back to mofo_fast.py's full selection); tau is always an
 exact k-th value, so the mask is the reference's: tests/test_mofo_kernel.py checks tau, count and
 the step against torch bit for bit. Moments and denominator stay eager PyTorch (steps 1-3), as
 they must for alpha = 1 to remain torch's AdamW.
@@ -90,7 +90,7 @@ static float kth_largest(float *v, long m, long k, long *ge) {
 
 static long gcd(long a, long b) { while (b) { long r = a % b; a = b; b = r; } return a; }
 
-/* mofo.band on |x|, in one read of x: each thread takes a contiguous part, 256 entries at a
+/* mofo_fast.band on |x|, in one read of x: each thread takes a contiguous part, 256 entries at a
    time. A plain loop (which the compiler turns into SIMD code) flags the band's entries, a byte
    each, and counts those above hi; then the flags are read 8 at a time as one 64-bit word and
    only the set bytes of the few nonzero words are visited, writing |x| at the start of the
@@ -133,9 +133,10 @@ static long band(const float *x, long n, float lo, float hi, float *out, long *a
     return found[0];
 }
 
-/* mofo.topk_threshold on |x|: *tau = the k-th largest |x_i| and *count = #{i : |x_i| >= tau};
-   returns 0, or 1 when the bracket missed tau (nothing written). The bracket is mofo.bracket's,
-   line for line; a tensor of at most 4 * sample_size entries is all band. out: room for n. */
+/* mofo_fast.topk_threshold on |x|: *tau = the k-th largest |x_i| and *count =
+   #{i : |x_i| >= tau}; returns 0, or 1 when the bracket missed tau (nothing written). The bracket
+   is mofo_fast.bracket's, line for line; a tensor of at most 4 * sample_size entries is all band.
+   out: room for n. */
 int mofo_threshold(const float *x, long n, long k, long sample_size, double z, float *out,
                    int threads, float *tau, long *count) {
     long above, c;
@@ -215,8 +216,8 @@ def compilable(*tensors):
 
 
 def threshold_c(m, k, sample_size, z, out):
-    """(tau, count) as mofo.topk_threshold(|m|, k), as Python numbers, or None where the bracket
-    missed (or m holds a NaN). out: float32, m's size (overwritten)."""
+    """(tau, count) as mofo_fast.topk_threshold(|m|, k), as Python numbers, or None where the
+    bracket missed (or m holds a NaN). out: float32, m's size (overwritten)."""
     assert compilable(m, out) and out.numel() >= m.numel() and 1 <= k <= m.numel()
     tau, count = ctypes.c_float(), ctypes.c_long()
     missed = library().mofo_threshold(m.data_ptr(), m.numel(), k, sample_size, z, out.data_ptr(),

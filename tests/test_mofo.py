@@ -3,12 +3,18 @@ state_dict round trips, and argument checks. CPU, seconds."""
 import copy
 import io
 import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import mofo
-from mofo import MoFO, filter_fast_, topk_mask_reference, topk_threshold
+import mofo_fast
+from mofo import MoFO, topk_mask_reference
+from mofo_fast import filter_fast_, topk_threshold
 
 
 def reference_mask(x, k):
@@ -24,7 +30,7 @@ def fast_matches_reference(x, k, sampled=None):
     mask = reference_mask(x, k)
     if not torch.equal(topk_mask_reference(x.abs(), k), mask):
         return False
-    tau, count = mofo.topk_threshold(x.abs(), k, sampled=sampled)
+    tau, count = mofo_fast.topk_threshold(x.abs(), k, sampled=sampled)
     kept = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     kept_count = filter_fast_("momentum", None, x, None, k, None, kept, None)
     return (torch.equal(x.abs() >= tau, mask) and int(count) == int(mask.sum()) == int(kept_count)
@@ -109,7 +115,7 @@ def test_selected_entries_follow_adamw_exactly():
 def mask_cases():
     gen = torch.Generator().manual_seed(0)
     big = torch.randn(400, 250, generator=gen)  # > 4 * SAMPLE_SIZE entries: the sampled path
-    assert big.numel() > 4 * mofo.SAMPLE_SIZE
+    assert big.numel() > 4 * mofo_fast.SAMPLE_SIZE
     yield "random small", torch.randn(37, 41, generator=gen)
     yield "random big", big
     yield "odd size", torch.randn(70001, generator=gen)  # not a multiple of 8
@@ -135,12 +141,12 @@ def test_fast_mask_equals_torch_topk(name, x):
         assert fast_matches_reference(x, k), (name, k)
 
 
-@pytest.mark.parametrize("name,x", [c for c in mask_cases() if c[1].numel() >= mofo.SAMPLE_SIZE],
-                         ids=[c[0] for c in mask_cases() if c[1].numel() >= mofo.SAMPLE_SIZE])
+@pytest.mark.parametrize("name,x", [c for c in mask_cases() if c[1].numel() >= mofo_fast.SAMPLE_SIZE],
+                         ids=[c[0] for c in mask_cases() if c[1].numel() >= mofo_fast.SAMPLE_SIZE])
 def test_forced_sampled_path_equals_torch_topk(name, x):
     # sampled=True is what the CUDA test below runs; here it also covers tensors between
     # SAMPLE_SIZE and 4 * SAMPLE_SIZE entries, which the default sends to a direct torch.topk
-    for x in (x, x.reshape(-1)[:mofo.SAMPLE_SIZE + 13]):
+    for x in (x, x.reshape(-1)[:mofo_fast.SAMPLE_SIZE + 13]):
         for k in ks(x.numel()):
             mask = reference_mask(x, k)
             tau, count = topk_threshold(x.abs(), k, sampled=True)
@@ -158,10 +164,10 @@ def test_topk_threshold_count_and_exactly_k_without_ties():
 def test_topk_threshold_when_the_bracket_misses(monkeypatch):
     # A bracket of zero width misses tau on one side or the other most of the time; the
     # fallback to a full selection must still give the exact mask.
-    monkeypatch.setattr(mofo, "SAMPLE_Z", 0.0)
+    monkeypatch.setattr(mofo_fast, "SAMPLE_Z", 0.0)
     full_selections = []
-    kth = mofo.kth_largest
-    monkeypatch.setattr(mofo, "kth_largest", lambda x, k: full_selections.append(x.numel()) or kth(x, k))
+    kth = mofo_fast.kth_largest
+    monkeypatch.setattr(mofo_fast, "kth_largest", lambda x, k: full_selections.append(x.numel()) or kth(x, k))
     gen = torch.Generator().manual_seed(2)
     for _ in range(10):
         x = torch.randn(400, 250, generator=gen)
@@ -176,13 +182,13 @@ def test_off_by_one_in_the_fast_path_is_caught(monkeypatch):
     # path, and the fast optimizer drifts from the reference one.
     x = torch.randn(400, 250, generator=torch.Generator().manual_seed(3))
     assert fast_matches_reference(x, 10000) and fast_matches_reference(x, 10000, sampled=False)
-    kth = mofo.kth_largest
-    monkeypatch.setattr(mofo, "kth_largest", lambda x, k: kth(x, min(k + 1, x.numel())))
+    kth = mofo_fast.kth_largest
+    monkeypatch.setattr(mofo_fast, "kth_largest", lambda x, k: kth(x, min(k + 1, x.numel())))
     assert not fast_matches_reference(x, 10000)
     assert not fast_matches_reference(x, 10000, sampled=False)
-    threshold = mofo.topk_threshold
-    monkeypatch.setattr(mofo, "kth_largest", kth)
-    monkeypatch.setattr(mofo, "topk_threshold", lambda s, k, *args, **kwargs: threshold(s, k + 1, *args, **kwargs))
+    threshold = mofo_fast.topk_threshold
+    monkeypatch.setattr(mofo_fast, "kth_largest", kth)
+    monkeypatch.setattr(mofo_fast, "topk_threshold", lambda s, k, *args, **kwargs: threshold(s, k + 1, *args, **kwargs))
     fast, ref = train_both_paths("momentum", steps=2)
     assert not all(torch.equal(p, q) for p, q in zip(fast.parameters(), ref.parameters()))
 
@@ -514,14 +520,54 @@ def test_sparse_gradients_raise_value_error():
         opt.step()
 
 
+ALONE = """
+import torch, mofo
+assert mofo.fast_path() is None  # nothing beside it: the reference path
+try:
+    mofo.MoFO([torch.zeros(2, 2, requires_grad=True)], compiled=True)
+    raise AssertionError("compiled=True without mofo_fast.py must say so")
+except ValueError as e:
+    assert "mofo_fast" in str(e)
+torch.manual_seed(0)
+params = [torch.nn.Parameter(torch.randn(300, 250)), torch.nn.Parameter(torch.randn(50))]
+opt = mofo.MoFO(params, lr=1e-2, alpha=0.1, weight_decay=0.01)
+for step in range(3):
+    gen = torch.Generator().manual_seed(step)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt.step()
+torch.save([p.detach() for p in params], "params.pt")
+"""
+
+
+def test_mofo_py_alone_imports_and_steps_like_the_fast_path(tmp_path):
+    # mofo.py is self-contained: copied alone into an empty folder it imports and steps (on the
+    # reference path), and ends bitwise where MoFO with mofo_fast.py beside it ends.
+    shutil.copy(Path(mofo.__file__), tmp_path / "mofo.py")
+    run = subprocess.run([sys.executable, "-E", "-c", ALONE], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone = torch.load(tmp_path / "params.pt")
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(300, 250)), torch.nn.Parameter(torch.randn(50))]
+    assert mofo.fast_path() is mofo_fast
+    opt = MoFO(params, lr=1e-2, alpha=0.1, weight_decay=0.01)
+    for step in range(3):
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(params, alone))
+
+
 # --- CUDA (skipped on machines without a GPU) -------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 @needs_cuda
-@pytest.mark.parametrize("name,x", [c for c in mask_cases() if c[1].numel() >= mofo.SAMPLE_SIZE],
-                         ids=[c[0] for c in mask_cases() if c[1].numel() >= mofo.SAMPLE_SIZE])
+@pytest.mark.parametrize("name,x", [c for c in mask_cases() if c[1].numel() >= mofo_fast.SAMPLE_SIZE],
+                         ids=[c[0] for c in mask_cases() if c[1].numel() >= mofo_fast.SAMPLE_SIZE])
 def test_cuda_sampled_threshold_equals_torch_topk(name, x):
     # On a GPU topk_threshold runs a direct torch.topk unless sampled=True: force the sampled
     # path (the one the CPU uses) so that its comparisons and gathers are checked on CUDA too.

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-import mofo
+import mofo_fast
 import mofo_kernel
 from mofo import MoFO
 
@@ -24,10 +24,10 @@ def as_bits(x):  # torch.equal calls -0.0 and 0.0 equal; the bits tell them apar
 def cases():
     """Contiguous float32 tensors, the ones the C path takes: sampled above 4 * SAMPLE_SIZE."""
     gen = torch.Generator().manual_seed(0)
-    n = 4 * mofo.SAMPLE_SIZE + 1
+    n = 4 * mofo_fast.SAMPLE_SIZE + 1
     yield "small", torch.randn(37, 41, generator=gen)
     yield "one element", torch.tensor([[-2.5]])
-    yield "small ties", torch.randint(-2, 3, (4 * mofo.SAMPLE_SIZE,), generator=gen).float()
+    yield "small ties", torch.randint(-2, 3, (4 * mofo_fast.SAMPLE_SIZE,), generator=gen).float()
     yield "random", torch.randn(400, 250, generator=gen)
     yield "odd size", torch.randn(n + 6, generator=gen)  # not a multiple of 8 or of 256
     yield "many ties", torch.randint(-3, 4, (400, 250), generator=gen).float()
@@ -50,7 +50,7 @@ def test_threshold_c_is_the_exact_kth_largest(name, x, threads):
     try:
         missed = []
         for k in ks(x.numel()):
-            found = mofo_kernel.threshold_c(x, k, mofo.SAMPLE_SIZE, mofo.SAMPLE_Z, torch.empty_like(x))
+            found = mofo_kernel.threshold_c(x, k, mofo_fast.SAMPLE_SIZE, mofo_fast.SAMPLE_Z, torch.empty_like(x))
             if found is None:  # the caller then selects in full: slower, never wrong
                 missed.append(k)
                 continue
@@ -58,7 +58,7 @@ def test_threshold_c_is_the_exact_kth_largest(name, x, threads):
             assert found == (tau.item(), int((x.abs() >= tau).sum())), (name, k)
         # A miss is rare where MoFO works (alpha <= 1/2, entries not all alike); near k = n the
         # smallest sampled value is the bracket's lower end, and the global minimum lies below it.
-        if x.numel() <= 4 * mofo.SAMPLE_SIZE:  # all band: no bracket to miss
+        if x.numel() <= 4 * mofo_fast.SAMPLE_SIZE:  # all band: no bracket to miss
             assert missed == [], (name, missed)
         elif name not in ("many ties", "ties at tau", "all zeros"):
             assert all(k >= x.numel() - 1 for k in missed), (name, missed)
@@ -70,7 +70,7 @@ def test_threshold_c_misses_when_the_bracket_has_no_width():
     # SAMPLE_Z = 0: [lo, hi] is about one sampled value wide and misses tau most of the time;
     # a miss must say so (None), never return a wrong tau
     x = torch.randn(400, 250, generator=torch.Generator().manual_seed(1))
-    results = [mofo_kernel.threshold_c(x, k, mofo.SAMPLE_SIZE, 0.0, torch.empty_like(x)) for k in range(1000, 90000, 7919)]
+    results = [mofo_kernel.threshold_c(x, k, mofo_fast.SAMPLE_SIZE, 0.0, torch.empty_like(x)) for k in range(1000, 90000, 7919)]
     assert any(r is None for r in results)
     for k, r in zip(range(1000, 90000, 7919), results):
         tau = torch.topk(x.abs().reshape(-1), k).values[-1]
@@ -81,7 +81,7 @@ def test_threshold_c_hands_a_nan_to_torch():
     # torch.topk ranks NaN above everything; the kernel leaves such a small tensor to it
     x = torch.randn(1000, generator=torch.Generator().manual_seed(4))
     x[17] = math.nan
-    assert mofo_kernel.threshold_c(x, 10, mofo.SAMPLE_SIZE, mofo.SAMPLE_Z, torch.empty_like(x)) is None
+    assert mofo_kernel.threshold_c(x, 10, mofo_fast.SAMPLE_SIZE, mofo_fast.SAMPLE_Z, torch.empty_like(x)) is None
 
 
 def test_apply_c_is_addcdiv_bit_for_bit():
@@ -140,7 +140,7 @@ def test_compiled_path_takes_float32_tensors_and_hands_back_the_rest(monkeypatch
     calls = []
     threshold = mofo_kernel.threshold_c
     monkeypatch.setattr(mofo_kernel, "threshold_c", lambda m, *a: calls.append(m.numel()) or threshold(m, *a))
-    monkeypatch.setattr(mofo, "SAMPLE_Z", 0.0)  # misses too: they fall back to the full selection
+    monkeypatch.setattr(mofo_fast, "SAMPLE_Z", 0.0)  # misses too: they fall back to the full selection
     gen = torch.Generator().manual_seed(3)
     params = {"big": torch.randn(400, 250, generator=gen), "small": torch.randn(30, 20, generator=gen),
               "bf16": torch.randn(400, 250, generator=gen).bfloat16(),
