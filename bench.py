@@ -26,7 +26,7 @@ The reference and both MoFOs compute bitwise the same step. On a 2-core CPU the 
 hft: one training step (forward, backward, AdamW step) of HFT vs full fine-tuning, phase by phase,
 and the size of AdamW's state.
 
-loop: ms per iteration of train_tiny's training loop (train_tiny.train with the optimizer of
+loop: ms per iteration of train_tiny's training loop (its schedule and step, with the optimizer of
 train_tiny.METHODS, as `python train_tiny.py` runs it) on nanoGPT's CPU recipe shapes, for full
 fine-tuning and MoFO, against the same loop driving nanoGPT's architecture (GPT2 below: LayerNorm,
 learned positions, one qkv matrix, GELU) at the same shapes and on the same data, and against our
@@ -257,7 +257,7 @@ def bench_hft(args):
     """HFT vs full fine-tuning: one training step (forward, backward, AdamW step) on the same
     Llama-shaped model and batch, plus the size of AdamW's state."""
     import hft  # imported here so that the other sections run without these modules
-    from train_tiny import ModelConfig, TinyLlama
+    from model import ModelConfig, TinyLlama
 
     device = get_device(args.device)
     batch_size, block_size = 8, 64  # a small fine-tuning batch: 512 tokens per step
@@ -406,15 +406,19 @@ def bench_loop(args):
         optimizer = tt.METHODS[method].optimizer(params, cfg)
         if compile and method == "mofo" and compiled_problem(device) is None:
             optimizer.compiled = True  # and MoFO's selection in C
-        rng, stage = random.Random(0), tt.stage_of(cfg)
-
-        def get_batch():
-            x, y = data.text_windows(corpus.train, cfg.block_size, cfg.batch_size, rng)
-            return [(x.to(device), y.to(device), 1.0)]
-
-        # each timed call runs the loop from iteration 0 to max_iters (the schedule restarts)
+        rng = random.Random(0)
         fwd = tt.wrap(model, cfg.compile, world=1)  # torch.compile'd where asked, as train_tiny does
-        return lambda: tt.train(fwd, model, optimizer, get_batch, stage, cfg.grad_clip, ctx, log_interval=0)
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def loop():  # train_tiny's loop body, max_iters iterations (the schedule restarts each call)
+            for it in range(cfg.max_iters):
+                for group in optimizer.param_groups:
+                    group["lr"] = tt.get_lr(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
+                x, y = data.text_windows(corpus.train, cfg.block_size, cfg.batch_size, rng)
+                with ctx:
+                    loss = fwd(x.to(device), y.to(device))[1]
+                tt.step(optimizer, loss, params, cfg.grad_clip, "bench")
+        return loop
 
     yardstick = "GPT-2 (nanoGPT's architecture)"
     loops = {yardstick: make_loop("full", "gpt2"), "full (AdamW)": make_loop("full"),

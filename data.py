@@ -13,7 +13,9 @@ their everyday roles (counts, ages, house numbers, years, clock times) and a sma
 sentences state one-digit sums in prose ("The clever owl knows that 3+4=7."), never a 2-digit
 operand nor the task's bare line; the sums stated are kept out of the test problems (`stated`).
 
-Kept apart from train_tiny.py as nanoGPT keeps its data preparation apart from its model and loop:
+The end of the file scores a model on them: knowledge by multiple choice and greedy recall, a task
+by exact match and answer loss, general language by the loss on held-out text. Kept apart from
+train_tiny.py as nanoGPT keeps its data preparation apart from its model and loop:
 a reader changing the world or a task reads this file only.
 """
 import functools
@@ -163,3 +165,52 @@ def shard(rows, rank, world):  # this rank's contiguous slice of the global batc
 def text_windows(data, block_size, n, rng, rank=0, world=1):
     ix = shard([rng.randrange(len(data) - block_size) for _ in range(n)], rank, world)  # same draws on all ranks
     return tuple(torch.stack([data[i + o:i + o + block_size] for i in ix]) for o in (0, 1))  # x, y
+
+# ----------------------------------------------------------------------------------------------
+# Scoring a model on the world and the tasks: multiple choice by log-likelihood (as lm-eval scores
+# MMLU and ARC), greedy exact match, and the loss on held-out text
+@torch.no_grad()
+def score_answers(model, prompts, answers, device="cpu", rows_per_batch=512):
+    """Per (prompt, answer): the answer's summed log-probability, and whether greedy decoding from
+    the prompt writes exactly the answer. Greedy writes it iff every answer token is the argmax
+    given the prompt and the answer so far, so one teacher-forced pass decides all rows at once."""
+    logp, exact = [], []
+    for s in range(0, len(prompts), rows_per_batch):
+        x, y = make_rows(prompts[s:s + rows_per_batch], answers[s:s + rows_per_batch])
+        logits = model(x.to(device))[0].float().log_softmax(-1).cpu()  # (B, T, V)
+        mask, target = y >= 0, y.clamp(min=0)
+        logp += (logits.gather(-1, target[..., None])[..., 0] * mask).sum(1).tolist()
+        exact += ((logits.argmax(-1) == target) | ~mask).all(1).tolist()
+    return logp, exact
+
+def fact_scores(model, probes, device="cpu"):
+    """fact_mc: the true value is the most likely of the attribute's candidates (multiple
+    choice); fact_greedy: greedy decoding writes it; fact_chance: what guessing scores at MC."""
+    rows = [(prompt, f" {c}.", c == value)
+            for attr, prompt, value in probes for c in ATTRIBUTES[attr][0]]
+    logp, exact = score_answers(model, [r[0] for r in rows], [r[1] for r in rows], device)
+    mc = greedy = i = 0
+    for attr, _, value in probes:
+        n = len(ATTRIBUTES[attr][0])
+        mc += rows[max(range(i, i + n), key=logp.__getitem__)][2]  # the most likely candidate
+        greedy += next(exact[j] for j in range(i, i + n) if rows[j][2])  # the true value's row
+        i += n
+    n = len(probes)
+    return {"fact_mc": mc / n, "fact_greedy": greedy / n,
+            "fact_chance": sum(1 / len(ATTRIBUTES[a][0]) for a, _, _ in probes) / n}
+
+def task_scores(model, problems, device="cpu"):
+    """(exact-match accuracy, answer loss): the loss, nats per answer character averaged over the
+    problems, moves smoothly where the accuracy jumps."""
+    prompts, answers = zip(*problems)
+    logp, exact = score_answers(model, prompts, answers, device)
+    loss = -sum(lp / len(a) for lp, a in zip(logp, answers)) / len(problems)
+    return sum(exact) / len(problems), loss
+
+@torch.no_grad()
+def estimate_loss(model, text, block_size, device="cpu", max_windows=64):
+    """The model's mean loss on the first max_windows windows of held-out text."""
+    n = min(max_windows, (len(text) - 1) // block_size)
+    x, y = (torch.stack([text[i * block_size + o:(i + 1) * block_size + o] for i in range(n)])
+            for o in (0, 1))
+    return model(x.to(device), y.to(device))[1].item()

@@ -43,9 +43,12 @@ from pathlib import Path
 import torch
 
 import data
+import pretrain
 import train_tiny as tt
+from stamp import changed, stamp
 
 ROOT = Path(__file__).resolve().parent
+STAMP = stamp("train_tiny.py")  # what every run computes with: taken at import, the code this process runs
 
 # ----------------------------------------------------------------------------------------------
 # What is swept: a label "<family> <knob>" and the train_tiny flags that make it
@@ -212,7 +215,7 @@ def restore(sweep, out_dir=None, echo=print, results_dir=ROOT / "results"):
 
 def stale(m, now):
     """What changed since m was computed (file names), [] if it still follows the code."""
-    return tt.changed(m.get("fingerprint", {}), now)
+    return changed(m.get("fingerprint", {}), now)
 
 def run_one(cfg):
     """One run on one thread (results depend on the thread count), its output in <key>.log; a
@@ -223,13 +226,13 @@ def run_one(cfg):
     torch.set_num_threads(1)
     with open(path + ".log", "w") as f, contextlib.redirect_stdout(f):
         try:
-            m = tt.run(cfg)
+            m = {**tt.run(cfg), "fingerprint": STAMP}
         except FloatingPointError as e:
-            m = {"diverged": str(e), "config": asdict(cfg), "fingerprint": tt.FINGERPRINT}
-            with open(path + ".json", "w") as g:
-                json.dump(m, g)
+            m = {"diverged": str(e), "config": asdict(cfg), "fingerprint": STAMP}
         finally:
             torch.set_num_threads(threads)
+    with open(path + ".json", "w") as g:  # the run's own JSON, stamped
+        json.dump(m, g, indent=1)
     if os.path.exists(path + ".pt"):
         os.remove(path + ".pt")  # the JSON is the result; 3 MB of weights per run adds up
     return m
@@ -246,13 +249,13 @@ def finished(todo, workers):
             yield futures[f], f.result()
 
 def pretrain_first(runs):  # here, before the workers start, so that they do not all pre-train it
-    for cfg in {tt.pretrained_path(r[4]): r[4] for r in runs}.values():
+    for cfg in {pretrain.pretrained_path(r[4]): r[4] for r in runs}.values():
         corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
-        tt.load_or_pretrain(cfg, corpus, cfg.device, nullcontext(), 0, 1)  # the sweep's device: the CPU
+        pretrain.load_or_pretrain(cfg, corpus, cfg.device, nullcontext(), 0, 1)  # the sweep's device: the CPU
 
 def run_sweep(sweep, out_dir=None, workers=2, echo=print):
     """Run what the cache lacks or what changed code made stale; return ({key: metrics}, #computed)."""
-    runs, now = configs(sweep, out_dir), tt.FINGERPRINT
+    runs, now = configs(sweep, out_dir), STAMP
     results = {key: m for *_, key, cfg in runs if (m := cached(cfg)) is not None}
     old = {key: stale(m, now) for key, m in results.items() if stale(m, now)}
     if old:
@@ -278,7 +281,7 @@ def revalidate(sweep, out_dir=None, per_family=1, workers=2, echo=print):
     """Re-run `per_family` stale runs of each family with the code in front of us. If every one
     reproduces its cached metrics exactly, the sweep's stale runs are re-stamped with the new
     fingerprint (the change kept the numbers); otherwise they stay stale. Returns True if re-stamped."""
-    runs, now = configs(sweep, out_dir), tt.FINGERPRINT
+    runs, now = configs(sweep, out_dir), STAMP
     old = [r for r in runs if (m := cached(r[4])) is not None and stale(m, now)]
     if not old:
         echo("nothing to revalidate: every cached run follows the code")
@@ -333,7 +336,7 @@ def whole_seeds(sweep, results):
 def fresh(sweep, out_dir=None):
     """{key: metrics} of the sweep's cached runs that follow the code in front of us. Computes nothing."""
     return {key: m for *_, key, cfg in configs(sweep, out_dir)
-            if (m := cached(cfg)) is not None and not stale(m, tt.FINGERPRINT)}
+            if (m := cached(cfg)) is not None and not stale(m, STAMP)}
 
 def complete(sweep, out_dir=None):
     """whole_seeds() of the cache: the finished seeds and their runs."""
@@ -343,7 +346,7 @@ def load(name, path=None, echo=print):
     """The committed results of a sweep; says loudly when the code in front of us is not the code
     that produced them."""
     saved = json.loads(Path(path or ROOT / "results" / f"{name}.json").read_text())
-    diff = tt.changed(saved["fingerprint"], tt.FINGERPRINT)
+    diff = changed(saved["fingerprint"], STAMP)
     if diff:
         echo(f"WARNING: {', '.join(diff)} changed since results/{name}.json was computed: these plots show the "
              f"old code's numbers. Run `python sweep.py --sweep {name}` (or --revalidate), then --export.")

@@ -7,7 +7,8 @@ import math
 import os
 import subprocess
 import sys
-from dataclasses import replace
+from contextlib import nullcontext
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
+import pretrain  # noqa: E402
 import train_tiny as tt  # noqa: E402
+from model import ModelConfig  # noqa: E402
 
 SMOKE = tt.Config(**tt.PRESETS["smoke"])
 
@@ -51,12 +54,12 @@ def test_smoke_pipeline(smoke_dir):
                 "fact_greedy_before", "fact_greedy_after", "fact_chance", "heldout_loss_before",
                 "heldout_loss_after", "forget_mc", "forget_greedy", "heldout_loss_rise", "dist_abs",
                 "dist_rel", "frac_changed", "time_s", "wall_s", "tokens_per_s", "peak_rss_mb", "pretrain_time_s",
-                "curve", "fingerprint", "pretrained_fingerprint", "threads"):
+                "curve", "pretrained_fingerprint", "threads"):
         assert key in on_disk, key
     assert on_disk["config"]["method"] == "full" and on_disk["dist_abs"] > 0
     assert 0 < on_disk["frac_changed"] <= 1 and on_disk["tokens_per_s"] > 0
     assert on_disk["fact_chance"] == pytest.approx((1 / 12 + 1 / 10 + 1 / 8 + 1 / 8) / 4)
-    assert on_disk["fingerprint"] == tt.FINGERPRINT == tt.fingerprint() and set(tt.SOURCES) < set(on_disk["fingerprint"])
+    assert on_disk["pretrained_fingerprint"] == pretrain.pretrained_stamp(corpus)
     # the curves: step 0 is the pre-trained model, then every max_iters // curve_points steps, and the end
     every = SMOKE.max_iters // SMOKE.curve_points
     assert [p["iter"] for p in on_disk["curve"]] == list(range(0, SMOKE.max_iters, every)) + [SMOKE.max_iters]
@@ -78,7 +81,7 @@ def test_finetuning_loss_falls(smoke_dir):
     problems = data.test_problems("add", cfg.data_seed, 40)
     x, y = data.make_rows([p for p, _ in problems], [a for _, a in problems])
     pre = tt.TinyLlama(tt.model_config(cfg))
-    pre.load_state_dict(tt.read_checkpoint(tt.pretrained_path(cfg))["model"])
+    pre.load_state_dict(tt.read_checkpoint(pretrain.pretrained_path(cfg))["model"])
     assert model(x, y)[1].item() < pre(x, y)[1].item() - 1.0
     assert m["dist_rel"] > 0
 
@@ -95,7 +98,7 @@ def test_resume_is_bitwise(smoke_dir, monkeypatch, method, crash_at):
     cfg = replace(SMOKE, out_dir=str(out), method=method, tasks="add,reverse", max_iters=8,
                   ckpt_interval=3, filter="random", log_interval=0)
     whole = tt.run(replace(cfg, run_name=f"{method}_whole"))
-    real, saves = tt.save_checkpoint, []
+    real, saves = pretrain.save_checkpoint, []
 
     def crashing(obj, path):
         real(obj, path)
@@ -103,10 +106,10 @@ def test_resume_is_bitwise(smoke_dir, monkeypatch, method, crash_at):
         if len(saves) == crash_at:
             raise Crash
 
-    monkeypatch.setattr(tt, "save_checkpoint", crashing)
+    monkeypatch.setattr(pretrain, "save_checkpoint", crashing)
     with pytest.raises(Crash):
         tt.run(replace(cfg, run_name=f"{method}_cut"))
-    monkeypatch.setattr(tt, "save_checkpoint", real)
+    monkeypatch.setattr(pretrain, "save_checkpoint", real)
     resumed = tt.run(replace(cfg, run_name=f"{method}_cut", resume=True))
     a = tt.read_checkpoint(str(out / f"{method}_whole.pt"))
     b = tt.read_checkpoint(str(out / f"{method}_cut.pt"))
@@ -143,7 +146,7 @@ def test_ddp_equals_one_process(smoke_dir, tmp_path):
                        batch_size=8, log_interval=0))
         a = tt.read_checkpoint(str(out / f"ddp_{method}.pt"))["model"]
         b = tt.read_checkpoint(str(out / f"one_{method}.pt"))["model"]
-        theta0 = tt.read_checkpoint(tt.pretrained_path(replace(SMOKE, out_dir=str(out))))["model"]
+        theta0 = tt.read_checkpoint(pretrain.pretrained_path(replace(SMOKE, out_dir=str(out))))["model"]
         assert not states_equal(b, theta0)  # it trained
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{method} {k}")
@@ -221,7 +224,7 @@ def test_probes_score_perfect_model_100_and_random_model_at_chance():
     acc, loss = tt.task_scores(Oracle([p + a for p, a in problems]), problems)
     assert acc == 1.0 and loss < 1e-6
     torch.manual_seed(0)
-    random_model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 64, len(data.VOCAB)))
+    random_model = tt.TinyLlama(ModelConfig(2, 2, 32, 64, len(data.VOCAB)))
     scores = tt.fact_scores(random_model, corpus.probes)
     assert scores["fact_greedy"] == 0.0
     assert abs(scores["fact_mc"] - scores["fact_chance"]) < 0.06  # 400 probes: chance ± noise
@@ -234,7 +237,7 @@ def test_help_lists_every_flag_with_default(capsys):
         tt.parse_args(["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
-    for f in tt.fields(tt.Config):
+    for f in fields(tt.Config):
         assert f"--{f.name}" in text and f"(default: {f.default!r})" in text, f.name
 
 
@@ -248,14 +251,18 @@ def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
     out, _ = smoke_dir
     corrupt = tmp_path / "corrupt"
     corrupt.mkdir()
-    Path(tt.pretrained_path(replace(SMOKE, out_dir=str(corrupt)))).write_bytes(b"not a checkpoint")
+    Path(pretrain.pretrained_path(replace(SMOKE, out_dir=str(corrupt)))).write_bytes(b"not a checkpoint")
     pair = ["--preset", "smoke", "--out_dir", str(out)]  # the main command: a run and its baseline
     smoke = pair + ["--compare", "none"]
     cases = {
         "compare": (pair + ["--compare", "sgd"], "--compare"),
         "pair": (pair + ["--run_name", "never_ran_pair", "--resume"], "no checkpoint"),
         "method": (smoke + ["--method", "sgd"], "--method"),
-        "alpha": (smoke + ["--alpha", "1.5"], "--alpha"),
+        "alpha": (smoke + ["--alpha", "1.5"], "alpha must be in (0, 1]"),
+        "hft_ratio": (smoke + ["--method", "hft", "--hft_ratio", "0"], "--method hft: ratio"),
+        "device": (smoke + ["--device", "cuda" if not torch.cuda.is_available() else "cuda:99"],
+                   "no such CUDA device"),
+        "no_device": (smoke + ["--device", "tpu9"], "--device: unknown device"),
         "task": (smoke + ["--tasks", "add,divide"], "divide"),
         "flag": (smoke + ["--no_such_flag", "1"], "no_such_flag"),
         "type": (smoke + ["--alpha", "much"], "alpha"),
@@ -282,7 +289,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(smoke_dir, tmp_path):
 
 def test_lora_trains_only_BA_and_merges_into_the_same_names():
     torch.manual_seed(0)
-    model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 16, len(data.VOCAB)))
+    model = tt.TinyLlama(ModelConfig(2, 2, 32, 16, len(data.VOCAB)))
     names = [n for n, _ in model.named_parameters()]
     params, _ = tt.lora_params(model, replace(SMOKE, rank=4), stage=0)
     assert len(params) == 2 * 7 * 2 and all(p.requires_grad for p in params)  # A, B on 7 matrices, 2 blocks
@@ -299,7 +306,7 @@ def test_lora_trains_only_BA_and_merges_into_the_same_names():
 
 
 def test_lora_on_q_and_v_adapts_only_those_two_matrices():
-    model = tt.TinyLlama(tt.ModelConfig(2, 2, 32, 16, len(data.VOCAB)))
+    model = tt.TinyLlama(ModelConfig(2, 2, 32, 16, len(data.VOCAB)))
     params, _ = tt.lora_params(model, replace(SMOKE, rank=4, lora_targets="qv"), stage=0)
     adapted = sorted({n.split(".parametrizations")[0].split(".")[-1] for n, p in model.named_parameters() if "lora_" in n})
     assert adapted == ["q_proj", "v_proj"] and len(params) == 2 * 2 * 2  # A, B on 2 matrices, 2 blocks
@@ -327,39 +334,42 @@ def test_get_lr_warms_up_linearly_then_decays_by_cosine_to_a_tenth():
 
 
 @pytest.mark.parametrize("method", ["l1", "l2"])
-def test_pull_is_the_gradient_of_the_penalty(method):
+def test_the_penalty_is_the_norm_of_the_distance_from_theta0(method):
     torch.manual_seed(0)
     model = torch.nn.Linear(5, 4)
     theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert tt.penalty(model, theta0, tt.METHODS[method].penalty).item() == 0.0
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p))
-    lam = 0.3
-    norm = {"l1": lambda d: d.abs().sum(), "l2": lambda d: (d ** 2).sum()}[method]
-    penalty = lam * sum(norm(p - theta0[n]) for n, p in model.named_parameters())
-    expected = torch.autograd.grad(penalty, list(model.parameters()))
-    for p in model.parameters():
-        p.grad = torch.zeros_like(p)
-    tt.add_pull(model, theta0, tt.METHODS[method].pull, lam)
-    for p, g in zip(model.parameters(), expected):
-        torch.testing.assert_close(p.grad, g)
+    delta = torch.cat([(p - theta0[n]).flatten() for n, p in model.named_parameters()])
+    want = delta.abs().sum() if method == "l1" else (delta ** 2).sum()
+    torch.testing.assert_close(tt.penalty(model, theta0, tt.METHODS[method].penalty), want)
+    model.bias.requires_grad_(False)  # only what is trained is pulled
+    want = (delta[:20].abs().sum() if method == "l1" else (delta[:20] ** 2).sum())
+    torch.testing.assert_close(tt.penalty(model, theta0, tt.METHODS[method].penalty), want)
 
 
-def test_replay_mixes_text_windows_with_weights_that_sum_to_one(smoke_dir, monkeypatch):
+def test_l2_with_no_pull_is_full_finetuning_and_a_pull_keeps_closer(smoke_dir):
     out, _ = smoke_dir
-    seen = []
+    run = lambda **kw: tt.run(replace(SMOKE, out_dir=str(out), max_iters=6, log_interval=0, **kw))
+    full, free, pulled = run(method="full", run_name="f"), run(method="l2", reg=0.0, run_name="l0"), \
+        run(method="l2", reg=50.0, run_name="l50")
+    assert free["curve"] == full["curve"] and free["dist_abs"] == full["dist_abs"]
+    assert pulled["dist_abs"] < 0.9 * full["dist_abs"]
 
-    def one_batch(fwd, model, optimizer, get_batch, stage, *args, **kwargs):
-        seen.append(get_batch())
-        return 0.0, 0
 
-    monkeypatch.setattr(tt, "train", one_batch)
-    cfg = replace(SMOKE, out_dir=str(out), method="full", run_name="replay", replay=0.25, batch_size=8)
-    tt.run(cfg)
-    (x, y, w), (xr, yr, wr) = seen[0]
+def test_replay_mixes_text_windows_with_weights_that_sum_to_one():
+    cfg = replace(SMOKE, replay=0.25, batch_size=8)
+    corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
+    held_out = {"add": set()}
+    (x, y, w), (xr, yr, wr) = tt.get_batch(cfg, ["add"], 0, __import__("random").Random(0), held_out,
+                                           corpus.train, 0, 1, "cpu")
     assert len(x) == 6 and len(xr) == 2 and (w, wr) == (0.75, 0.25)  # round(0.25 * 8) = 2 rows of text
     assert xr.shape[1] == cfg.block_size // tt.REPLAY_CONTEXT_DIVISOR and (yr >= 0).all()  # every token a target
     assert torch.equal(xr[:, 1:], yr[:, :-1])  # text windows: the targets are the next characters
+    assert len(tt.get_batch(replace(cfg, replay=0.0), ["add"], 0, __import__("random").Random(0), held_out,
+                            corpus.train, 0, 1, "cpu")) == 1
 
 
 def test_hft_leaves_the_frozen_half_bitwise_at_theta0(smoke_dir):
@@ -367,7 +377,7 @@ def test_hft_leaves_the_frozen_half_bitwise_at_theta0(smoke_dir):
     cfg = replace(SMOKE, out_dir=str(out), method="hft", run_name="hft_frozen", max_iters=10, lr=1e-2)
     tt.run(cfg)
     ckpt = tt.read_checkpoint(str(out / "hft_frozen.pt"))
-    theta0 = tt.read_checkpoint(tt.pretrained_path(cfg))["model"]
+    theta0 = tt.read_checkpoint(pretrain.pretrained_path(cfg))["model"]
     trainable = set(ckpt["hft"])
     assert trainable and set(theta0) - trainable
     for name, w in ckpt["model"].items():
@@ -388,45 +398,45 @@ def test_mofo_fraction_changed_matches_the_weights_and_the_optimizer(smoke_dir, 
     monkeypatch.setitem(tt.METHODS, "mofo", tt.Method(tt.all_params, recording))
     m = tt.run(replace(SMOKE, out_dir=str(out), method="mofo", run_name="mofo_once", max_iters=1,
                        warmup_iters=1, alpha=0.1))
-    assert m["frac_changed"] == pytest.approx(made[0].last_update_fraction, abs=1e-12)
+    assert m["frac_changed"] == pytest.approx(made[-1].last_update_fraction, abs=1e-12)
     assert 0.09 < m["frac_changed"] < 0.2  # α of every matrix, and the small norm vectors densely
 
 
 def test_a_stale_pretrained_checkpoint_is_trained_again_and_says_why(smoke_dir, capsys):
     out, _ = smoke_dir
     cfg = replace(SMOKE, out_dir=str(out))
-    path = tt.pretrained_path(cfg)
+    path = pretrain.pretrained_path(cfg)
     good = tt.read_checkpoint(path)
-    tt.save_checkpoint({**good, "fingerprint": {**good["fingerprint"], "corpus": "0" * 12}}, path)
+    pretrain.save_checkpoint({**good, "fingerprint": {**good["fingerprint"], "corpus": "0" * 12}}, path)
     corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
-    again = tt.load_or_pretrain(cfg, corpus, "cpu", tt.nullcontext(), 0, 1)
-    assert "the corpus changed since" in capsys.readouterr().out
-    assert again["fingerprint"] == tt.pretrain_fingerprint(corpus) == tt.read_checkpoint(path)["fingerprint"]
+    again = tt.load_or_pretrain(cfg, corpus, "cpu", nullcontext(), 0, 1)
+    assert "corpus changed since" in capsys.readouterr().out
+    assert again["fingerprint"] == pretrain.pretrained_stamp(corpus) == tt.read_checkpoint(path)["fingerprint"]
     assert states_equal(again["model"], good["model"])  # same corpus and code: the same weights again
-    tt.load_or_pretrain(cfg, corpus, "cpu", tt.nullcontext(), 0, 1)
+    tt.load_or_pretrain(cfg, corpus, "cpu", nullcontext(), 0, 1)
     assert "pre-training" not in capsys.readouterr().out  # now it is served
-    assert tt.pretrained_path(replace(cfg, compile=True)) != path  # compiled pre-training rounds apart: its own file
+    assert pretrain.pretrained_path(replace(cfg, compile=True)) != path  # compiled pre-training rounds apart: its own file
 
 
 def test_the_shipped_pretrained_checkpoint_follows_the_code_in_front_of_it():
     """The default model's checkpoint is committed (results/pretrained-<key>.pt) so that a fresh clone
     fine-tunes at once; an edit of the corpus or the model/loop code must come with a new one."""
     cfg = tt.Config()
-    path = Path(tt.shipped_path(cfg))
-    assert path.parent == ROOT / "results" and path.name == Path(tt.pretrained_path(cfg)).name
+    path = Path(pretrain.shipped_path(cfg))
+    assert path.parent == ROOT / "results" and path.name == Path(pretrain.pretrained_path(cfg)).name
     shipped = tt.read_checkpoint(str(path))
     corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
-    assert shipped["fingerprint"] == tt.pretrain_fingerprint(corpus), "re-train it: python train_tiny.py on an empty out/, then copy its pretrained-<key>.pt to results/"
-    assert {k: shipped["config"][k] for k in tt.PRETRAIN_KEYS} == {k: getattr(cfg, k) for k in tt.PRETRAIN_KEYS}
+    assert shipped["fingerprint"] == pretrain.pretrained_stamp(corpus), "re-train it: python train_tiny.py on an empty out/, then copy its pretrained-<key>.pt to results/"
+    assert {k: shipped["config"][k] for k in pretrain.PRETRAIN_KEYS} == {k: getattr(cfg, k) for k in pretrain.PRETRAIN_KEYS}
     assert shipped["metrics"]["fact_mc"] >= 0.95 and shipped["metrics"]["add_acc"] == 0.0  # knows the facts, not the task
 
 
 def test_an_empty_out_dir_is_served_the_shipped_checkpoint(tmp_path, monkeypatch):
     cfg = replace(tt.Config(), out_dir=str(tmp_path))
-    monkeypatch.setattr(tt, "pretrain", lambda *a: pytest.fail("pre-trained although a checkpoint ships"))
+    monkeypatch.setattr(pretrain, "pretrain", lambda *a: pytest.fail("pre-trained although a checkpoint ships"))
     corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
-    got = tt.load_or_pretrain(cfg, corpus, "cpu", tt.nullcontext(), 0, 1)
-    assert states_equal(got["model"], tt.read_checkpoint(tt.shipped_path(cfg))["model"])
+    got = tt.load_or_pretrain(cfg, corpus, "cpu", nullcontext(), 0, 1)
+    assert states_equal(got["model"], tt.read_checkpoint(pretrain.shipped_path(cfg))["model"])
 
 
 def test_the_main_command_compares_with_full_finetuning_side_by_side(smoke_dir, capsys):
