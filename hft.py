@@ -50,6 +50,14 @@ zeroed gradient: a zero gradient still moves a parameter under AdamW's weight de
 A frozen matrix also gets no weight gradient and no optimizer state, which is where HFT saves
 time and memory. The selection is a sorted list of names, a pure function of (parameter names,
 seed, stage): the same on every rank and every run, and it goes into a checkpoint as it is.
+
+Names: a tied tensor (one tensor under several names, as an LM head tied to the token embedding)
+is one parameter, under its first name, as named_parameters() lists it; select returns that name,
+and apply and report take any of its names (it trains if one of them is in trainable). A name
+outside the blocks is trained whatever it is called; one inside a block that fits no category
+raises. apply sets requires_grad of every parameter, whatever it was: a parameter frozen before
+(by an earlier stage, or by you) trains again if it is selected; to keep one frozen, leave its
+name out of trainable.
 """
 
 import math
@@ -74,16 +82,18 @@ RULES = (
     # norms before attention: a norm may sit inside an attention module (Qwen3's per-head q_norm,
     # k_norm) or be named after its sub-layer (OPT/BART's self_attn_layer_norm)
     ("norm", -1, r".*norm.*|ln(_\w*|\d*)"),  # *norm*, GPT-2's ln_1, ln_2
-    # cross before self, whose pattern "encoder_attn" matches too; BART/Whisper, T5, GPT-2 as a decoder
+    # cross before self, whose pattern matches "encoder_attn" too (BART/Whisper, T5, GPT-2 decoder)
     ("cross_attn", 0, r"encoder_attn|encdecattention|crossattention"),
     ("attn", 0, r".*(attn|attention).*"),  # self_attn, attn, SelfAttention, attention
-    ("mlp", 0, r".*(mlp|ffn|feed_forward).*|fc[12]|densereludense"),  # fc1, fc2: OPT/BART/Whisper; T5
+    # fc1, fc2: OPT/BART/Whisper; DenseReluDense: T5
+    ("mlp", 0, r".*(mlp|ffn|feed_forward).*|fc[12]|densereludense"),
 )
 
 
 def category_of(module: str) -> str | None:
     """Category of a module from its path inside a block ('self_attn.q_proj', 'ln_1'), or None:
-    one of CATEGORIES + CROSS, or 'other' for a module that belongs with those outside the blocks."""
+    one of CATEGORIES + CROSS, or 'other' for a module that belongs with those outside the
+    blocks."""
     # T5 wraps each sub-layer of block N in block.N.layer.K: look past the wrapper
     parts = re.sub(r"^layer\.\d+\.", "", module.lower()).split(".")
     for category, where, pattern in RULES:
@@ -92,12 +102,16 @@ def category_of(module: str) -> str | None:
     return None
 
 
-def find_blocks(shapes: Mapping[str, object]) -> tuple[list[dict[str, dict[str, list[str]]]], list[str]]:
+Blocks = list[dict[str, dict[str, list[str]]]]  # per block: {category: {module: [names]}}
+
+
+def find_blocks(shapes: Mapping[str, object]) -> tuple[Blocks, list[str]]:
     """Group parameter names into transformer blocks.
 
     A block is the module under the first numeric path component of a name (model.layers.3,
-    transformer.h.3). Returns (blocks, outside): blocks in order, each {category: {module: [names]}},
-    and the names outside any block (with T5's relative_attention_bias, which RULES sends there).
+    transformer.h.3). Returns (blocks, outside): blocks in order, each {category: {module:
+    [names]}}, and the names outside any block (with T5's relative_attention_bias, which RULES
+    sends there).
     Raises ValueError for parameters inside a block that fit no category, and for a model without
     blocks.
     """
@@ -132,12 +146,37 @@ def find_blocks(shapes: Mapping[str, object]) -> tuple[list[dict[str, dict[str, 
     return [blocks[key] for key in sorted(blocks)], outside
 
 
-def _shapes(model_or_shapes) -> dict[str, tuple[int, ...]]:
+def _tensor_key(t):
+    """What makes two tensors of a state_dict one tied tensor: the same memory and layout."""
+    if not torch.is_tensor(t) or t.numel() == 0 or t.device.type == "meta":
+        return None  # a shape, or a tensor without memory of its own to compare
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), t.shape, t.stride(), t.dtype)
+
+
+def _names(model_or_shapes) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """({name: shape}, {alias: name}): each tensor once, under its first name; a tied tensor's
+    other names map to that one."""
     if isinstance(model_or_shapes, nn.Module):
-        return {name: tuple(p.shape) for name, p in model_or_shapes.named_parameters()}
-    if isinstance(model_or_shapes, Mapping):  # {name: shape}, or a state_dict of tensors
-        return {name: tuple(getattr(s, "shape", s)) for name, s in model_or_shapes.items()}
-    raise TypeError(f"expected an nn.Module or a {{name: shape}} mapping, got {type(model_or_shapes).__name__}")
+        named = model_or_shapes.named_parameters(remove_duplicate=False)
+        items = [(name, p, id(p)) for name, p in named]
+    elif isinstance(model_or_shapes, Mapping):  # {name: shape}, or a state_dict of tensors
+        items = [(name, s, _tensor_key(s)) for name, s in model_or_shapes.items()]
+    else:
+        raise TypeError("expected an nn.Module or a {name: shape} mapping, "
+                        f"got {type(model_or_shapes).__name__}")
+    shapes, aliases, first = {}, {}, {}
+    for name, s, key in items:
+        if key in first:  # (None, a shape's key, never is)
+            aliases[name] = first[key]
+            continue
+        if key is not None:
+            first[key] = name
+        shapes[name] = tuple(getattr(s, "shape", s))
+    return shapes, aliases
+
+
+def _shapes(model_or_shapes) -> dict[str, tuple[int, ...]]:
+    return _names(model_or_shapes)[0]
 
 
 def _round(x: float) -> int:
@@ -151,14 +190,16 @@ def _by_category(blocks, ratio: float, rng: random.Random) -> list[str]:
         target = [ratio * len(modules) for modules in per_block]
         # floor(r·n) everywhere, one more in a random set of blocks so the average is r·n
         partial = [i for i, t in enumerate(target) if t > math.floor(t)]
-        extra = set(rng.sample(partial, _round(sum(target[i] - math.floor(target[i]) for i in partial))))
+        n_extra = _round(sum(target[i] - math.floor(target[i]) for i in partial))
+        extra = set(rng.sample(partial, n_extra))
         for i, modules in enumerate(per_block):
             chosen += rng.sample(modules, math.floor(target[i]) + (i in extra))
     return chosen
 
 
 def _by_model(blocks, shapes, ratio: float, rng: random.Random) -> list[str]:
-    members = {m: names for block in blocks for modules in block.values() for m, names in modules.items()}
+    members = {m: names for block in blocks for modules in block.values()
+               for m, names in modules.items()}
     size = {m: sum(math.prod(shapes[n]) for n in names) for m, names in members.items()}
     order = sorted(members)
     rng.shuffle(order)
@@ -196,7 +237,8 @@ def select(model_or_shapes, seed: int = 0, stage: int = 0, ratio: float = 0.5,
         raise ValueError(f"stage must be >= 0, got {stage}")
     shapes = _shapes(model_or_shapes)
     blocks, outside = find_blocks(shapes)
-    rng = random.Random(f"hft/seed={seed}/stage={stage}")  # str seeds hash the same in every process
+    # a str seed hashes the same in every process
+    rng = random.Random(f"hft/seed={seed}/stage={stage}")
     if strategy == "category":
         modules = _by_category(blocks, ratio, rng)
     elif strategy == "model":
@@ -207,21 +249,24 @@ def select(model_or_shapes, seed: int = 0, stage: int = 0, ratio: float = 0.5,
     return sorted(outside + [name for m in modules for name in members[m]])
 
 
-def _check_names(model_names, trainable) -> set[str]:
+def _check_names(names, trainable) -> set[str]:
+    """trainable as a set of first names (see _names); names = _names(...)."""
+    shapes, aliases = names
     if isinstance(trainable, str):
-        raise ValueError(f"trainable must be an iterable of parameter names, got the string {trainable!r}")
+        raise ValueError("trainable must be an iterable of parameter names, "
+                         f"got the string {trainable!r}")
     trainable = set(trainable)
-    unknown = sorted(trainable - set(model_names))
+    unknown = sorted(trainable - set(shapes) - set(aliases))
     if unknown:
         raise ValueError(f"trainable names not found among the model's parameters: {unknown}")
-    return trainable
+    return {aliases.get(name, name) for name in trainable}
 
 
 def apply(model: nn.Module, trainable: Iterable[str]) -> list[torch.nn.Parameter]:
     """Freeze every parameter not in `trainable` and unfreeze the rest (so a new stage starts from
     a fully unfrozen model); return the trainable parameters in model order, for the optimizer."""
-    named = list(model.named_parameters())
-    trainable = _check_names([name for name, _ in named], trainable)
+    named = list(model.named_parameters())  # a tied tensor once, under its first name
+    trainable = _check_names(_names(model), trainable)
     params = []
     for name, p in named:
         p.requires_grad_(name in trainable)
@@ -236,8 +281,8 @@ def report(model_or_shapes, trainable: Iterable[str]) -> dict:
     """What is trained: parameter counts and fractions overall, over the blocks and by category
     (attn, mlp, norm inside the blocks, and cross_attn where the model has it; other = outside
     them), tensor counts, frozen names."""
-    shapes = _shapes(model_or_shapes)
-    trainable = _check_names(shapes, trainable)
+    names = _names(model_or_shapes)
+    shapes, trainable = names[0], _check_names(names, trainable)
     blocks, outside = find_blocks(shapes)
     category = {name: "other" for name in outside}
     for block in blocks:
@@ -254,12 +299,13 @@ def report(model_or_shapes, trainable: Iterable[str]) -> dict:
     inside = [counts[cat] for cat in in_blocks]
     n_trainable = sum(c["trainable"] for c in counts.values())
     n_total = sum(c["total"] for c in counts.values())
+    n_inside = sum(c["total"] for c in inside)
     frozen = sorted(set(shapes) - trainable)
     return {
         "trainable": n_trainable,
         "total": n_total,
-        "fraction": n_trainable / n_total,
-        "block_fraction": sum(c["trainable"] for c in inside) / sum(c["total"] for c in inside),
+        "fraction": n_trainable / n_total if n_total else 0.0,  # 0 / 0: zero-size tensors only
+        "block_fraction": sum(c["trainable"] for c in inside) / n_inside if n_inside else 0.0,
         "by_category": counts,
         "n_blocks": len(blocks),
         "n_trainable_tensors": len(shapes) - len(frozen),

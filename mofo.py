@@ -14,7 +14,9 @@ parameter tensor p (one block) with gradient g:
 Entries outside the mask stay put, so fine-tuning ends closer to the pre-trained weights and
 forgets less. Tensors with fewer than 2 dimensions (biases, norms) and groups with alpha=1.0 take
 the dense AdamW step; with alpha=1.0 everywhere MoFO *is* torch.optim.AdamW(foreach=False), bit
-for bit: the arithmetic follows torch's single-tensor AdamW operation by operation.
+for bit: the arithmetic follows torch's single-tensor AdamW operation by operation. As AdamW
+does, a complex tensor is stepped as its real view (torch.view_as_real): its real and imaginary
+parts are two entries, each with its own moments, and two entries of the mask and of numel.
 
 mofo_update_ is the algorithm for one tensor, select_reference (a torch.topk) its step 4. The
 optional mofo_fast.py beside this file finds the very same mask far faster (so bitwise the same
@@ -42,11 +44,15 @@ def mofo_update_(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weig
     (None, count). numel: the whole tensor's size where p is a shard of it; denom: a buffer for
     step 3's denominator."""
     n = p.numel() if numel is None else numel
-    dense = p.dim() < 2 or alpha == 1.0  # vectors (biases, norms) and alpha=1: AdamW's step
+    dense = p.dim() < 2 or alpha == 1.0 or n == 0  # vectors, alpha=1, no entries: AdamW's step
+    lr = lr.squeeze() if torch.is_tensor(lr) else lr  # a 1-element tensor lr, as AdamW takes it
     g = (-grad if maximize else grad).to(exp_avg.dtype)  # fp32 moments even for bf16 params
     # 1. Decoupled weight decay, every entry, selected or not (AdamW; the authors' code).
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
+    if torch.is_complex(p):  # then, as AdamW, the real view: a complex entry is two real ones
+        p, g, exp_avg, exp_avg_sq = map(torch.view_as_real, (p, g, exp_avg, exp_avg_sq))
+        n *= 2
     # 2. Moments of every entry, selected or not.
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -101,6 +107,8 @@ def filter_score(filter, grad, exp_avg, denom, out=None):
 
 def _check_group(group):
     lr, (beta1, beta2) = group["lr"], group["betas"]
+    if torch.is_tensor(lr) and lr.numel() != 1:
+        raise ValueError(f"lr must be a number or a 1-element tensor, got shape {tuple(lr.shape)}")
     for name, ok, allowed in (
             ("lr", 0.0 <= lr, "[0, inf)"), ("betas", 0 <= beta1 < 1 and 0 <= beta2 < 1, "[0, 1)"),
             ("eps", 0.0 <= group["eps"], "[0, inf)"), ("alpha", 0 < group["alpha"] <= 1, "(0, 1]"),
@@ -114,10 +122,11 @@ def fast_path():
     """The module mofo_fast beside this file, or None where it is absent (mofo.py alone)."""
     try:
         import mofo_fast
-        return mofo_fast
     except ModuleNotFoundError as e:  # absent: None; present but failing to import: the error
         if e.name != "mofo_fast":
             raise
+        return None
+    return mofo_fast
 
 
 class MoFO(torch.optim.Optimizer):
@@ -128,10 +137,8 @@ class MoFO(torch.optim.Optimizer):
     in state_dict). weight_decay is decoupled, as in AdamW and the authors' code: every entry of
     every tensor with a gradient, selected or not. Moments are fp32 (or p's dtype if wider).
     fast=False runs select_reference; else mofo_fast.py, where present, finds the same mask fast;
-    compiled=True runs steps 4-5 of float32 CPU tensors in C (needs a C compiler). Neither changes
-    a bit of the result: no hyper-parameters, not in state_dict. last_update_fraction: after each
-    step, the fraction of all parameter entries that got an Adam update.
-    """
+    compiled=True runs steps 4-5 of float32 CPU tensors in C (needs a C compiler); neither changes
+    a bit of the result. last_update_fraction: the share of entries the last step updated."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                  alpha=0.1, filter="momentum", maximize=False, seed=0, fast=True, compiled=False):
@@ -145,8 +152,8 @@ class MoFO(torch.optim.Optimizer):
         self.last_update_fraction = 0.0
 
     def add_param_group(self, param_group):
+        _check_group({**self.defaults, **param_group})  # before it joins: a refused group stays out
         super().add_param_group(param_group)
-        _check_group(self.param_groups[-1])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -162,14 +169,13 @@ class MoFO(torch.optim.Optimizer):
             hyper = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"],
                      group["alpha"], group["maximize"], group["filter"], self.generator)
             for p in group["params"]:
-                total += p.numel()
+                total += p.numel() * (2 if p.is_complex() else 1)  # as mofo_update_ counts
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise ValueError("MoFO does not support sparse gradients (param.grad)")
                 if isinstance(p, DTensor) and fast is None:
-                    raise ValueError("DTensor (FSDP2) parameters take the fast path, mofo_fast.py: "
-                                     "fast=False runs mofo_update_ on whole tensors only")
+                    raise ValueError("DTensors (FSDP2) take mofo_fast.py's path, not fast=False")
                 state = self.state[p]
                 if len(state) == 0:  # lazy init, named like torch.optim.AdamW's state
                     zeros = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
@@ -186,7 +192,7 @@ class MoFO(torch.optim.Optimizer):
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         generator_state = state_dict.pop("generator", None)
-        super().load_state_dict(state_dict)
+        super().load_state_dict(state_dict)  # ends in __setstate__ below
         if generator_state is not None:
             self.generator.set_state(generator_state)
         # torch casts loaded state to the parameter's dtype; keep bf16/fp16 params' moments fp32.
@@ -196,6 +202,17 @@ class MoFO(torch.optim.Optimizer):
                 dtype = torch.promote_types(p.dtype, torch.float32)
                 self.state[p][key] = state_dict["state"][i][key].to(p.device, dtype)
 
-    def __getstate__(self):  # pickling and deepcopy keep the generator and the choice of path
-        keep = ("seed", "fast", "compiled", "generator")
+    def __setstate__(self, state):  # unpickling, deepcopy and load_state_dict come through here
+        super().__setstate__(state)
+        for group in self.param_groups:  # a group saved without a hyper-parameter (AdamW's)
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            _check_group(group)
+            for p in group["params"]:  # an older checkpoint's step, a number: a tensor, as torch
+                s = self.state.get(p, {})
+                if "step" in s and not torch.is_tensor(s["step"]):
+                    s["step"] = torch.tensor(float(s["step"]))
+
+    def __getstate__(self):  # pickling and deepcopy keep the generator, the path, the fraction
+        keep = ("seed", "fast", "compiled", "generator", "last_update_fraction")
         return {**super().__getstate__(), **{key: getattr(self, key) for key in keep}}

@@ -554,3 +554,76 @@ def test_apply_and_report_reject_unknown_names():
         hft.report(model, ["no_such.weight"])
     with pytest.raises(ValueError, match="iterable"):
         hft.apply(model, "lm_head.weight")
+
+
+# ---- tied, frozen, unnamed: what the API does at its edges ---------------------------------------
+
+def tied_llama(n_layer=4):
+    model = Llama(n_layer=n_layer)
+    model.lm_head.weight = model.model.embed_tokens.weight  # (V, C) both: one tensor, two names
+    return model
+
+
+def test_tied_weights_are_one_parameter_under_any_of_their_names():
+    model = tied_llama()
+    names = [n for n, _ in model.named_parameters()]
+    assert "lm_head.weight" not in names  # torch lists a tied tensor once, under its first name
+    sel = hft.select(model, seed=2)
+    # a state_dict holds both names of the one tensor: the same selection, the same counts
+    assert hft.select(model.state_dict(), seed=2) == sel
+    assert hft.report(model.state_dict(), sel) == hft.report(model, sel)
+    # apply and report take either name; the tensor trains if one of its names is selected
+    params = hft.apply(model, sel + ["lm_head.weight"])
+    alias_only = [n for n in sel if n != "model.embed_tokens.weight"] + ["lm_head.weight"]
+    assert hft.apply(model, alias_only) == params and model.lm_head.weight.requires_grad
+    assert hft.report(model, alias_only) == hft.report(model, sel)
+    before = model.lm_head.weight.detach().clone()
+    train(model, params)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert not torch.equal(model.lm_head.weight, before)
+
+
+def test_shapes_without_tensors_name_every_parameter_apart():
+    # a {name: shape} mapping cannot show a tie: two names are two parameters, as given
+    shapes = {"embed.weight": (11, 8), "lm_head.weight": (11, 8), "h.0.attn.q.weight": (8, 8)}
+    assert hft.select(shapes) == ["embed.weight", "h.0.attn.q.weight", "lm_head.weight"]
+    assert hft.report(shapes, ["embed.weight"])["total"] == 2 * 88 + 64
+
+
+def test_a_parameter_frozen_before_hft_trains_again_if_selected_unless_left_out():
+    # apply decides requires_grad for every parameter (a new stage must unfreeze the last one's
+    # frozen half): a parameter you froze trains if selected; leaving its name out keeps it frozen
+    model = Llama(n_layer=4)
+    model.model.embed_tokens.weight.requires_grad_(False)
+    sel = hft.select(model, seed=0)
+    assert "model.embed_tokens.weight" in sel  # outside the blocks: always selected
+    hft.apply(model, sel)
+    assert model.model.embed_tokens.weight.requires_grad
+    kept_frozen = [n for n in sel if n != "model.embed_tokens.weight"]
+    params = hft.apply(model, kept_frozen)
+    assert not model.model.embed_tokens.weight.requires_grad
+    assert all(p is not model.model.embed_tokens.weight for p in params)
+    r = hft.report(model, kept_frozen)
+    assert "model.embed_tokens.weight" in r["frozen"]
+    assert r["trainable"] == sum(p.numel() for p in params)
+
+
+def test_names_outside_the_blocks_train_whatever_they_are_called():
+    model = Llama(n_layer=2)
+    model.score = nn.Linear(8, 2)  # a classification head: no rule names it, it is outside
+    sel = hft.select(model)
+    assert {"score.weight", "score.bias"} <= set(sel)
+    outside = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers."))
+    assert hft.report(model, sel)["by_category"]["other"]["trainable"] == outside
+    # a numbered module list outside a transformer (several heads) looks like blocks: named
+    model.heads = nn.ModuleList([nn.Linear(8, 2), nn.Linear(8, 2)])
+    with pytest.raises(ValueError, match=r"heads\.0\.weight"):
+        hft.select(model)
+
+
+def test_blocks_of_zero_size_matrices_report_zero_fractions():
+    # every matrix of the blocks empty: nothing to count, fractions 0, not a division by zero
+    shapes = {"layers.0.attn.q.weight": (0, 4), "layers.0.mlp.fc.weight": (4, 0)}
+    sel = hft.select(shapes)
+    r = hft.report(shapes, sel)
+    assert (r["total"], r["fraction"], r["block_fraction"]) == (0, 0.0, 0.0)

@@ -3,6 +3,7 @@ state_dict round trips, and argument checks. CPU, seconds."""
 import copy
 import io
 import math
+import pickle
 import shutil
 import subprocess
 import sys
@@ -518,6 +519,187 @@ def test_sparse_gradients_raise_value_error():
     emb(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
         opt.step()
+
+
+# --- the torch.optim conventions AdamW keeps ------------------------------------------------
+
+def complex_params(seed=0):
+    """A complex matrix, a complex vector and a real matrix (a complex entry is two real ones)."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(30, 40, dtype=torch.complex64, generator=gen)),
+            torch.nn.Parameter(torch.randn(7, dtype=torch.complex64, generator=gen)),
+            torch.nn.Parameter(torch.randn(20, 10, generator=gen))]
+
+
+def set_complex_grads(params, step):
+    gen = torch.Generator().manual_seed(100 + step)
+    for p in params:
+        p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_complex_alpha_one_is_adamw_bitwise(fast):
+    # torch's AdamW steps a complex tensor as torch.view_as_real: so must MoFO, bit for bit
+    a, b = complex_params(), complex_params()
+    opt_a = MoFO(a, lr=1e-2, weight_decay=0.1, alpha=1.0, fast=fast)
+    opt_b = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
+    for step in range(10):
+        set_complex_grads(a, step)
+        set_complex_grads(b, step)
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_a.state[p][key], opt_b.state[q][key])
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("filter", mofo.FILTERS)
+def test_complex_matrix_is_mofo_on_its_real_view(filter, fast):
+    # A filtered complex (30, 40) matrix is its real (30, 40, 2) view filtered: 2400 entries,
+    # k = 240 of them move; the complex vector stays dense, as every vector does.
+    params = complex_params()[:2]
+    real = [torch.nn.Parameter(torch.view_as_real(params[0].detach()).clone())]
+    opt = MoFO(params, lr=1e-2, alpha=0.1, filter=filter, fast=fast)
+    ref = MoFO(real, lr=1e-2, alpha=0.1, filter=filter, fast=False)
+    for step in range(4):
+        before = [p.detach().clone() for p in params]
+        set_complex_grads(params, step)
+        real[0].grad = torch.view_as_real(params[0].grad).clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(torch.view_as_real(params[0]), real[0])
+        moved = int((torch.view_as_real(params[0]) != torch.view_as_real(before[0])).sum())
+        assert moved == 240 or (filter == "update" and moved > 240)  # "update" ties at t = 1
+        assert bool((params[1] != before[1]).all())  # the vector: dense
+        if moved == 240:  # of 2 * (1200 + 7) entries: a complex one counts twice
+            assert opt.last_update_fraction == (240 + 2 * 7) / 2414
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
+def test_one_element_tensor_lr_is_adamw_bitwise(shape):
+    lr = torch.full(shape, 1e-2)
+    model_a, model_b = small_model(), small_model()
+    opt_a = MoFO(model_a.parameters(), lr=lr, weight_decay=0.1, alpha=1.0)
+    opt_b = torch.optim.AdamW(model_b.parameters(), lr=lr.clone(), weight_decay=0.1,
+                              foreach=False)
+    train(model_a, opt_a, 10)
+    train(model_b, opt_b, 10)
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+
+
+@pytest.mark.parametrize("filter", mofo.FILTERS)
+def test_tensor_lr_filtered_fast_equals_reference(filter):
+    models = []
+    for fast in (True, False):
+        model = wide_model()
+        opt = MoFO(model.parameters(), lr=torch.tensor([[1e-2]]), alpha=0.1, filter=filter,
+                   weight_decay=0.01, fast=fast)
+        for step in range(3):
+            gen = torch.Generator().manual_seed(step)
+            x, y = torch.randn(16, 250, generator=gen), torch.randn(16, 2, generator=gen)
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            opt.step()
+        models.append(model)
+    assert all(torch.equal(p, q) for p, q in zip(*(m.parameters() for m in models)))
+
+
+def test_several_element_tensor_lr_raises_value_error():
+    with pytest.raises(ValueError, match="lr"):
+        MoFO([torch.zeros(2, 2, requires_grad=True)], lr=torch.tensor([1e-3, 2e-3]))
+
+
+@pytest.mark.parametrize("number", [int, float])
+def test_a_plain_number_step_from_an_older_checkpoint_loads_and_steps(number):
+    model_a = small_model()
+    opt_a = MoFO(model_a.parameters(), lr=1e-2, alpha=0.3)
+    train(model_a, opt_a, 3)
+    saved = copy.deepcopy(opt_a.state_dict())
+    for state in saved["state"].values():
+        state["step"] = number(state["step"].item())
+    model_b = small_model()
+    model_b.load_state_dict(model_a.state_dict())
+    opt_b = MoFO(model_b.parameters(), lr=1e-2, alpha=0.3)
+    opt_b.load_state_dict(saved)
+    assert all(torch.is_tensor(s["step"]) and s["step"] == 3 for s in opt_b.state.values())
+    train(model_a, opt_a, 3, start=3)
+    train(model_b, opt_b, 3, start=3)
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+
+
+def test_deepcopy_and_pickle_keep_last_update_fraction():
+    model = small_model()
+    opt = MoFO(model.parameters(), lr=1e-2, alpha=0.3)
+    train(model, opt, 2)
+    assert 0 < opt.last_update_fraction < 1
+    for twin in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert twin.last_update_fraction == opt.last_update_fraction
+        assert torch.equal(twin.generator.get_state(), opt.generator.get_state())
+
+
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("filter", mofo.FILTERS)
+def test_zero_size_matrices_are_a_no_op_as_in_adamw(filter, fast):
+    # AdamW steps a (0, 5) tensor as a no-op (its step still counts); MoFO's k = max(1, 0) must
+    # not ask for one entry of none.
+    empty = [torch.nn.Parameter(torch.zeros(0, 5)), torch.nn.Parameter(torch.zeros(4, 0, 3))]
+    p = torch.nn.Parameter(torch.randn(40, 50))
+    opt = MoFO(empty + [p], lr=1e-2, alpha=0.1, filter=filter, fast=fast)
+    for step in range(2):
+        set_grads(empty + [p], step)
+        opt.step()
+    assert all(opt.state[e]["step"] == 2 and opt.state[e]["exp_avg"].shape == e.shape
+               for e in empty)
+    assert opt.last_update_fraction == 200 / 2000
+
+
+def test_a_refused_param_group_stays_out():
+    a, b = torch.zeros(4, 4, requires_grad=True), torch.zeros(3, 3, requires_grad=True)
+    opt = MoFO([a])
+    with pytest.raises(ValueError, match="alpha"):
+        opt.add_param_group({"params": [b], "alpha": 2.0})
+    assert len(opt.param_groups) == 1
+    set_grads([a, b], 0)
+    opt.step()  # the refused group is not stepped...
+    assert torch.equal(b, torch.zeros(3, 3))
+    opt.add_param_group({"params": [b], "alpha": 0.5})  # ...nor does it hold b
+    assert len(opt.param_groups) == 2
+
+
+def test_an_adamw_state_dict_loads_and_continues_as_adamw():
+    # the same state names: an AdamW checkpoint loads into MoFO; the hyper-parameters AdamW's
+    # groups lack (alpha, filter) come from MoFO's defaults, and with alpha=1 it is AdamW on
+    model_a, model_b = small_model(), small_model()
+    adamw = torch.optim.AdamW(model_a.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    train(model_a, adamw, 3)
+    model_b.load_state_dict(model_a.state_dict())
+    opt = MoFO(model_b.parameters(), lr=5.0, alpha=1.0)
+    opt.load_state_dict(copy.deepcopy(adamw.state_dict()))  # a copy: not AdamW's live tensors
+    group = opt.param_groups[0]
+    assert (group["alpha"], group["filter"], group["lr"], group["weight_decay"]) == (
+        1.0, "momentum", 1e-2, 0.1)
+    train(model_a, adamw, 3, start=3)
+    train(model_b, opt, 3, start=3)
+    assert all(torch.equal(p, q) for p, q in zip(model_a.parameters(), model_b.parameters()))
+    filtered = MoFO(small_model().parameters(), alpha=0.25)  # and alpha < 1 steps on
+    filtered.load_state_dict(copy.deepcopy(adamw.state_dict()))
+    assert filtered.param_groups[0]["alpha"] == 0.25
+    train(small_model(), filtered, 1)
+
+
+def test_the_torch_optim_contract():
+    # every hyper-parameter in defaults and in every group; hooks run; grad-less params skipped
+    opt = MoFO([torch.zeros(3, 3, requires_grad=True)])
+    assert set(opt.defaults) >= {"lr", "betas", "eps", "weight_decay", "alpha", "filter",
+                                 "maximize"}
+    assert set(opt.param_groups[0]) >= set(opt.defaults)
+    calls = []
+    opt.register_step_pre_hook(lambda *args: calls.append("pre"))
+    opt.register_step_post_hook(lambda *args: calls.append("post"))
+    opt.step()
+    assert calls == ["pre", "post"] and len(opt.state) == 0
 
 
 ALONE = """

@@ -82,6 +82,33 @@ def check_fsdp_equals_one_process(mesh, filter, alpha, steps=6):
         MoFO(sharded.parameters(), fast=False).step()
 
 
+def check_complex_fsdp_equals_one_process(mesh, steps=4):
+    """A complex model, stepped as its real view (two entries per complex one, in the mask and
+    the random draw too): each rank's rows of it, bit for bit those of one process."""
+    def complex_model():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(257, 301, dtype=torch.complex64),
+                                   torch.nn.Linear(301, 3, dtype=torch.complex64))
+    from torch.distributed.fsdp import fully_shard
+    for filter in ("momentum", "random"):
+        one, sharded = complex_model(), complex_model()
+        for layer in sharded:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(sharded, mesh=mesh)
+        kwargs = dict(lr=1e-2, alpha=0.1, filter=filter)
+        opt_one, opt = MoFO(one.parameters(), **kwargs), MoFO(sharded.parameters(), **kwargs)
+        for step in range(steps):
+            x = torch.randn(8, 257, dtype=torch.complex64, generator=torch.Generator().manual_seed(step))
+            for net, o in ((one, opt_one), (sharded, opt)):
+                o.zero_grad()
+                net(x).abs().sum().backward()
+            opt_one.step()
+            opt.step()
+            for p, q in zip(sharded.parameters(), one.parameters()):
+                assert torch.equal(p.full_tensor(), q), (filter, step)
+            assert opt.last_update_fraction == opt_one.last_update_fraction
+
+
 def worker(rank, world, store):
     torch.set_num_threads(1)
     # rendezvous through a file, not a port picked free and released: another process (a Jupyter
@@ -98,6 +125,7 @@ def worker(rank, world, store):
         hsdp = init_device_mesh("cpu", (1, world), mesh_dim_names=("replicate", "shard"))
         for filter in ("momentum", "random"):
             check_fsdp_equals_one_process(hsdp, filter, 0.1)
+        check_complex_fsdp_equals_one_process(mesh)
     finally:
         dist.destroy_process_group()
 

@@ -159,6 +159,31 @@ def test_compiled_path_takes_float32_tensors_and_hands_back_the_rest(monkeypatch
     assert calls == [100000, 600] * 3  # the contiguous float32 ones went to C, in order
 
 
+def test_compiled_takes_complex_matrices_a_tensor_lr_and_empty_matrices(monkeypatch):
+    # A complex matrix is stepped as its real view, a contiguous float32 tensor: the C path takes
+    # it, to the eager path's bits, also with a tensor lr; a (0, 5) matrix is a no-op, as in
+    # AdamW, and never reaches the kernel (which needs 1 <= k <= numel).
+    calls = []
+    threshold = mofo_kernel.threshold_c
+    monkeypatch.setattr(mofo_kernel, "threshold_c", lambda m, *a: calls.append(m.numel()) or threshold(m, *a))
+    runs = []
+    for compiled in (False, True):
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(300, 200, dtype=torch.complex64, generator=gen)),
+                  torch.nn.Parameter(torch.zeros(0, 5))]
+        opt = MoFO(params, lr=torch.tensor([1e-2]), alpha=0.1, weight_decay=0.1, compiled=compiled)
+        for step in range(3):
+            g = torch.Generator().manual_seed(step)
+            for p in params:
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+            opt.step()
+        runs.append((params[0], opt.last_update_fraction))
+    (eager, eager_fraction), (compiled, compiled_fraction) = runs
+    assert torch.equal(as_bits(torch.view_as_real(eager)), as_bits(torch.view_as_real(compiled)))
+    assert eager_fraction == compiled_fraction == 12000 / 120000
+    assert calls == [120000] * 3
+
+
 def test_an_edited_kernel_is_rebuilt_and_a_missing_compiler_is_said(monkeypatch, tmp_path):
     monkeypatch.setattr(mofo_kernel.tempfile, "gettempdir", lambda: str(tmp_path))
     monkeypatch.setattr(mofo_kernel, "SOURCE", mofo_kernel.SOURCE + "\n/* edited */\n")
