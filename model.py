@@ -3,7 +3,8 @@
 Each block is RMSNorm -> attention with rotary positions (q, k, v, o projections) -> residual, then
 RMSNorm -> gated MLP (gate, up, down) -> residual; no biases, an untied LM head. Parameter names
 follow Hugging Face's Llama (model.layers.0.self_attn.q_proj.weight, ...), so that hft.py's rules
-and a reader's intuition carry over from real checkpoints unchanged.
+and a reader's intuition carry over from real checkpoints unchanged. Shapes are noted as
+(B, T, C): batch, time (characters), channels; nh heads of hs = C / nh channels each.
 """
 import math
 from dataclasses import dataclass
