@@ -310,8 +310,7 @@ def run(cfg: Config) -> dict:
         state["time_s"] += time.time() - t0 - eval_s
         end_stage(model)
         state["R"] = state["R"] + [[task_scores(model, tests[t], device)[0] for t in tasks]]
-        log(f"after {tasks[i]}: "
-            + ", ".join(f"{t} {a:.1%}" for t, a in zip(tasks, state["R"][-1])))
+        log(f"after {tasks[i]}: {', '.join(f'{t} {a:.1%}' for t, a in zip(tasks, state['R'][-1]))}")
         state["task"], state["iter_num"] = i + 1, 0
         save_state(ckpt_path, model, None, rng, rank, hft=trainable, config=asdict(cfg), **state)
     metrics = evaluate(model, theta0, cfg, corpus, pre, state, tasks, device)
@@ -376,13 +375,14 @@ def check_config(cfg, world=1):
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)  # data.py's checks
-    method = METHODS[cfg.method]
-    with torch.device("meta"):
-        try:
+    method, flags = METHODS[cfg.method], "--corpus, --filler or --arith"
+    try:  # data.py checks the world's settings, then the method's code (mofo.py, hft.py) its own
+        build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
+        flags = f"--method {cfg.method}"
+        with torch.device("meta"):
             method.optimizer(method.params(TinyLlama(model_config(cfg)), cfg, 0)[0], cfg)
-        except ValueError as e:
-            raise ValueError(f"--method {cfg.method}: {e}") from None
+    except ValueError as e:
+        raise ValueError(f"{flags}: {e}") from None
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of the usage block
