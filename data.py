@@ -174,13 +174,17 @@ def score_answers(model, prompts, answers, device="cpu", rows_per_batch=512):
     """Per (prompt, answer): the answer's summed log-probability, and whether greedy decoding from
     the prompt writes exactly the answer. Greedy writes it iff every answer token is the argmax
     given the prompt and the answer so far, so one teacher-forced pass decides all rows at once."""
-    logp, exact = [], []
-    for s in range(0, len(prompts), rows_per_batch):
-        x, y = make_rows(prompts[s:s + rows_per_batch], answers[s:s + rows_per_batch])
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(answers[i]))
+    logp, exact = [0.0] * len(prompts), [False] * len(prompts)  # batched by length: less padding
+    for s in range(0, len(order), rows_per_batch):
+        rows = order[s:s + rows_per_batch]
+        x, y = make_rows([prompts[i] for i in rows], [answers[i] for i in rows])
         logits = model(x.to(device))[0].float().log_softmax(-1).cpu()  # (B, T, V)
         mask, target = y >= 0, y.clamp(min=0)
-        logp += (logits.gather(-1, target[..., None])[..., 0] * mask).sum(1).tolist()
-        exact += ((logits.argmax(-1) == target) | ~mask).all(1).tolist()
+        row_logp = (logits.gather(-1, target[..., None])[..., 0] * mask).sum(1).tolist()
+        row_exact = ((logits.argmax(-1) == target) | ~mask).all(1).tolist()
+        for i, lp, ex in zip(rows, row_logp, row_exact):
+            logp[i], exact[i] = lp, ex
     return logp, exact
 
 def fact_scores(model, probes, device="cpu"):

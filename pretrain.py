@@ -15,6 +15,7 @@ import functools
 import json
 import math
 import os
+import platform
 import random
 import time
 from contextlib import nullcontext
@@ -102,6 +103,19 @@ def pretrain(cfg, corpus, device, ctx, rank, world):
                **{f"{t}_acc": task_scores(model, tests[t], device)[0] for t in TASKS}}
     log(f"pre-trained in {seconds:.0f} s: {json.dumps(metrics)}")
     return {"model": model.state_dict(), "config": asdict(cfg), "metrics": metrics}
+
+
+def machine():  # what a result was computed on: runs round apart across CPUs and thread counts
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": name or platform.machine(),
+            "capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
 def pick_device(name):  # auto: cuda, then mps, then cpu; a device this machine lacks is an error

@@ -45,6 +45,7 @@ import torch
 import data
 import pretrain
 import train_tiny as tt
+from report import label
 from stamp import changed, stamp
 
 ROOT = Path(__file__).resolve().parent
@@ -78,7 +79,7 @@ CONTINUAL = {  # add -> reverse -> sort -> count; L1 and LoRA left out (below L2
     "task-replay 10%": dict(method="full", task_replay=0.1),      # the positive control: earlier tasks' data
     "mofo+task-replay 10%": dict(method="mofo", alpha=0.05, task_replay=0.1),  # the paper's MoFO + replay
 }
-LATER_FLAGS = {"task_replay": 0.0, "compile": False, "lora_targets": "all"}  # flags that joined the key after runs were cached:
+LATER_FLAGS = {"task_replay": 0.0, "compile": False, "lora_targets": "all", "pullback": False}  # flags that joined the key after runs were cached:
                                                       # left out at this value, so a run's key (and result) stays
 SIZES = {  # width (head size 32 throughout, same depth): each pre-trained to >= 95% of the facts
     64: dict(n_embd=64, n_head=2, pretrain_max_iters=5000),  # the small model learns the facts slowly
@@ -146,6 +147,45 @@ for w in SIZES:
     SWEEPS[f"tokens{w}"] = Sweep(TOKENS, lrs=(BEST_RATE["full"],), lr_for={k: (BEST_RATE[k],) for k in TOKENS},
                                  base=dict(QUIET, max_iters=RATE_STEPS,
                                            **{**SIZES[w], "pretrain_max_iters": tt.Config().pretrain_max_iters}))
+# ----------------------------------------------------------------------------------------------
+# The study (recomputed on the lean core): every fact scored at every curve point, each run's step
+# chosen by validation problems, differences paired over seeds. Grids fixed before any of its runs.
+STUDY_RATES = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)  # the rate axis: 1/30 ... 2/3 of pre-training's 3e-3
+AXIS = {  # one configuration per family, each at every rate: equal tuning is the same 5 rates
+    "full": dict(method="full", pullback=True),  # + WiSE-FT and LiNeS at its end (pullback.py)
+    "mofo-α0.05": dict(method="mofo", alpha=0.05),  # the paper's continual α
+    "mofo-α0.1": dict(method="mofo", alpha=0.1),  # the paper's default α
+    "hft": dict(method="hft", hft_ratio=0.5),  # the paper's half, by category
+    "l2": dict(method="l2", reg=1e-2),
+    "replay 25%": dict(method="full", replay=0.25),  # the reference that needs the old data
+}
+SWEEPS["axis"] = Sweep(AXIS, lrs=STUDY_RATES, lr_for={"replay 25%": (1e-4, 1e-3)}, lr_scale={},
+                       base=dict(QUIET, max_iters=RATE_STEPS))
+# LoRA at the same rates as every other method, down to full fine-tuning's best (1e-4; the rates
+# sweep gave LoRA 4x the rates), at twice the steps: at 4e-4 it had 62 % task accuracy at 2000.
+SWEEPS["lora"] = Sweep({"lora": dict(method="lora", rank=8)}, lrs=STUDY_RATES, lr_for={},
+                       lr_scale={}, base=dict(QUIET, max_iters=2 * RATE_STEPS))
+FILTERS = {f"mofo-{f}": dict(method="mofo", alpha=0.1, filter=f)  # the MoFO paper's ablation;
+           for f in ("momentum", "gradient", "update", "random")}  # momentum's runs are the axis's
+SWEEPS["filters"] = Sweep(FILTERS, lrs=STUDY_RATES[:4], lr_for={}, lr_scale={},
+                          base=dict(QUIET, max_iters=RATE_STEPS))
+SWEEPS["alpha_low"] = Sweep({**{f"mofo-α{a:g}": dict(method="mofo", alpha=a)  # α 1 is full: AdamW
+                                for a in (0.01, 0.05, 0.1, 0.25, 0.5)}, "full": AXIS["full"]},
+                            lrs=(2e-4,), lr_for={}, lr_scale={}, base=dict(QUIET, max_iters=RATE_STEPS))
+# Continual at each family's best low rate (BEST_RATE), then task 1 again: how many steps bring it
+# back, against learning it from the pre-trained model (stage 0 of the same run): skill or format?
+RECOVERY = {k: dict(v, tasks="add,reverse,sort,count,add") for k, v in CONTINUAL_LOW.items()}
+SWEEPS["recovery"] = Sweep(RECOVERY, lrs=(BEST_RATE["full"],),
+                           lr_for={k: (r,) for k, r in BEST_RATE.items()}, lr_scale={},
+                           base=dict(QUIET, max_iters=RATE_STEPS, curve_points=10, eval_problems=200))
+WIDTH = {"full": AXIS["full"], "mofo alpha=0.1": dict(method="mofo", alpha=0.1)}
+for w in SIZES:  # every width on the 128-wide model's pre-training tokens; width128 is axis runs
+    SWEEPS[f"width{w}"] = Sweep(WIDTH, lrs=(BEST_RATE["full"],), lr_scale={},
+                                lr_for={k: (BEST_RATE[k],) for k in WIDTH},
+                                base=dict(QUIET, max_iters=RATE_STEPS, **{
+                                    **SIZES[w], "pretrain_max_iters": tt.Config().pretrain_max_iters}))
+STUDY = ("axis", "lora", "filters", "alpha_low", "recovery", "width64", "width192")  # run order
+
 SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed
@@ -160,7 +200,8 @@ def quick(flags):
     methods = {"full": dict(method="full"), "mofo alpha=0.1": dict(method="mofo", alpha=0.1)}
     flags = {"method": "mofo", **flags}
     if flags not in (*methods.values(), {"method": "mofo"}):  # not one of the baselines again
-        name = tt.label(asdict(replace(tt.Config(), **flags)))
+        config = asdict(replace(tt.Config(), **flags))
+        name = label(config, tt.METHODS[config["method"]].knob)
         methods[("yours " if family(name) in ("full", "mofo") else "") + name] = flags
     return Sweep(methods, lr_for={}, seeds=(0,))
 
@@ -474,6 +515,163 @@ def sweep_tasks(sweep):
     return next(iter(sweep.methods.values())).get("tasks", "add")
 
 # ----------------------------------------------------------------------------------------------
+# The study's verdicts: each run's point chosen by validation problems, differences paired by seed
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+# Student's t at 97.5 % by degrees of freedom (seeds - 1): a 95 % interval for a mean of n seeds
+MATCHED = (0.8, 0.9)  # validation accuracies at which methods are compared (fixed before any run)
+
+
+def interval(diffs):
+    """(mean, low, high, n) of paired differences, one per seed: the 95 % t-interval of their mean
+    (low = high = nan below 2 seeds). Two methods are level when the interval contains 0."""
+    n = len(diffs)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan"), 0
+    mean = sum(diffs) / n
+    if n < 2:
+        return mean, float("nan"), float("nan"), 1
+    sd = (sum((d - mean) ** 2 for d in diffs) / (n - 1)) ** 0.5
+    half = T975.get(n - 1, 1.96) * sd / n ** 0.5
+    return mean, mean - half, mean + half, n
+
+
+def facts_sd(kept, n_facts=600):
+    """The sampling sd of a share of n_facts facts: what scoring every fact leaves (0.012 at 90 %)."""
+    return (kept * (1 - kept) / n_facts) ** 0.5
+
+
+def chosen(points, acc, task="add"):
+    """Of a run's points (its curve; for a pull-back family the pulled-back weights too), the one
+    nearest θ0 whose validation accuracy reaches acc, else None. Validation problems choose; the
+    test problems and the facts then score the choice. Along a curve the distance grows with the
+    steps, so this is the first step that reaches acc."""
+    good = [p for p in points if p[f"{task}_val_acc"] >= acc]
+    return min(good, key=lambda p: p["dist_abs"]) if good else None
+
+
+def matched(sweep, results, acc, task="add", out_dir=None):
+    """{label: {lr: {seed: chosen point or None}}}; a pulled-back full run adds the labels
+    "<label> + wise" and "<label> + lines": its curve and its end pulled back, chosen alike."""
+    out = {}
+    for label, lr, seed, m in trained(sweep, results, out_dir):
+        out.setdefault(label, {}).setdefault(lr, {})[seed] = chosen(m["curve"], acc, task)
+        for fam in ("wise", "lines") if "pullback" in m else ():
+            pulled = [p for k, p in m["pullback"].items() if k.startswith(fam)]
+            out.setdefault(f"{label} + {fam}", {}).setdefault(lr, {})[seed] = chosen(
+                m["curve"] + pulled, acc, task)
+    return out
+
+
+def at_rate(pts, a, b, lr, key="fact_mc"):
+    """interval() of a − b at one rate, over the seeds where both reach the matched accuracy."""
+    pa, pb = pts[a].get(lr, {}), pts[b].get(lr, {})
+    return interval([pa[s][key] - pb[s][key] for s in pa
+                     if pa[s] is not None and pb.get(s) is not None])
+
+
+def best_rate(by_lr, seed, key="fact_mc"):
+    """(point, lr): the seed's point at the rate the *other* seeds choose, the rate whose mean
+    `key` over them is highest among the rates every one of them reaches; (None, None) if none.
+    Leaving the scored seed out keeps the choice of rate from fitting that seed's noise."""
+    means = {}
+    for lr, by_seed in by_lr.items():
+        others = [p for s, p in by_seed.items() if s != seed]
+        if others and all(p is not None for p in others):
+            means[lr] = sum(p[key] for p in others) / len(others)
+    if not means:
+        return None, None
+    lr = max(means, key=means.get)
+    return by_lr[lr].get(seed), lr
+
+
+def over_axis(pts, a, b, key="fact_mc"):
+    """interval() of a − b, each at its own best rate (best_rate), paired by seed."""
+    seeds = sorted({s for by_seed in pts[a].values() for s in by_seed})
+    if len(seeds) < 2:  # the rate is chosen on the other seeds: there must be some
+        return float("nan"), float("nan"), float("nan"), -1
+    diffs = []
+    for s in seeds:
+        pa, pb = best_rate(pts[a], s, key)[0], best_rate(pts[b], s, key)[0]
+        if pa is not None and pb is not None:
+            diffs.append(pa[key] - pb[key])
+    return interval(diffs)
+
+
+def cell(iv, scale=100):
+    """'+3.1 [-0.4, +6.6]' (points) from an interval(); 'level' is left to the reader: 0 inside."""
+    mean, lo, hi, n = iv
+    if n == -1:
+        return "needs 2 seeds"
+    if n == 0:
+        return "not reached"
+    if n < 2:
+        return f"{scale * mean:+.1f} (1 seed)"
+    return f"{scale * mean:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+
+
+def verdict_table(pts, base="full", key="fact_mc"):
+    """Markdown: each label against `base`, per rate and over the rate axis (points of facts kept,
+    mean difference over seeds and its 95 % interval)."""
+    lrs = sorted({lr for by_lr in pts.values() for lr in by_lr})
+    head = "| method − " + base + " | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | own best rates |"
+    lines = [head, "|---" * (len(lrs) + 2) + "|"]
+    for label in pts:
+        if label == base:
+            continue
+        cells = [cell(at_rate(pts, label, base, lr, key)) if lr in pts[label] and lr in pts[base]
+                 else "" for lr in lrs]
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cell(over_axis(pts, label, base, key))} |")
+    return "\n".join(lines)
+
+
+def ends(sweep, results, out_dir=None):
+    """{label: {lr: {seed: the run's last point}}}: the end-of-run reading (the papers' checkpoints)."""
+    out = {}
+    for label, lr, seed, m in trained(sweep, results, out_dir):
+        out.setdefault(label, {}).setdefault(lr, {})[seed] = m["curve"][-1]
+    return out
+
+
+def study_tables(sweep, results, out_dir=None, base="full"):
+    """The verdicts of a single-task sweep as markdown: at each matched validation accuracy, and
+    at the end of the runs; each method against `base` (full fine-tuning), in points of facts."""
+    parts = []
+    for acc in MATCHED:
+        parts.append(f"facts kept, method − {base}, at {acc:.0%} validation accuracy "
+                     "(points; mean over seeds [95 % interval]):\n"
+                     + verdict_table(matched(sweep, results, acc, out_dir=out_dir), base))
+    parts.append(f"facts kept, method − {base}, at the end of the runs:\n"
+                 + verdict_table(ends(sweep, results, out_dir), base))
+    return "\n\n".join(parts)
+
+
+def main_command_lines(sweep, results, acc=0.9, method="mofo-α0.1", base="full"):
+    """What the main command's one-rate comparison is not, in the axis sweep's numbers."""
+    pts = matched(sweep, results, acc)
+    kept, rates = {}, {}
+    for label in (method, base):
+        picks = [best_rate(pts[label], s) for s in sorted(sweep.seeds)]
+        vals = [p["fact_mc"] for p, _ in picks if p is not None]
+        kept[label] = sum(vals) / max(len(vals), 1)
+        rates[label] = ", ".join(f"{lr:g}" for lr in sorted({lr for _, lr in picks if lr}))
+    mean, lo, hi, n = over_axis(pts, method, base)
+    return [f"At {acc:.0%} task accuracy, each at its own best rate (lr {rates[base]} for full, "
+            f"{rates[method]} for MoFO α 0.1; 2000 steps, {n} seeds), full fine-tuning keeps "
+            f"{kept[base]:.1%} of the facts and MoFO {kept[method]:.1%}: a difference of "
+            f"{100 * mean:+.1f} points [{100 * lo:+.1f}, {100 * hi:+.1f}] (results/axis.json)."]
+
+
+def recovery(m, task="add", level=1.0):
+    """(steps to regain level x the accuracy first learned, the same from the pre-trained model),
+    from a run whose last stage repeats its first task: relearning faster than learning means the
+    skill was kept and only its use was lost. None where the curve never gets there."""
+    reached = {}  # stage -> the first evaluated step at which the task is back
+    for p in m["curve"]:
+        if p[f"{task}_acc"] >= level * m["R"][0][0]:
+            reached.setdefault(p["stage"], p["iter"])
+    return reached.get(len(m["R"]) - 1), reached.get(0)
+
+# ----------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sweep", choices=sorted(SWEEPS), default="frontier", help="which sweep (default: frontier)")
@@ -486,7 +684,12 @@ def main(argv=None):
                    "reproduce exactly, re-stamp the cache with the new code's fingerprint")
     p.add_argument("--export", action="store_true", help="write results/<sweep>.json for the notebooks from "
                    "the cache (its finished seeds; computes nothing)")
+    p.add_argument("--study", action="store_true", help="the whole study, sweep after sweep in the "
+                   f"order {', '.join(STUDY)}; with --export, every one of them")
     args, rest = p.parse_known_args(argv)
+    if args.study:  # one command for the study; the cache resumes it after an interruption
+        flags = [f for f in (argv if argv is not None else sys.argv[1:]) if f != "--study"]
+        return max(main([*flags, "--sweep", name]) for name in STUDY)
     if args.workers < 1:
         p.error(f"--workers must be >= 1, got {args.workers}")
     if rest and args.preset != "quick":
@@ -508,13 +711,21 @@ def main(argv=None):
         return 0 if revalidate(sweep, args.out_dir, workers=args.workers) else 1
     if args.export:  # every fresh run, so that a cut-short sweep resumes from results/ on a fresh clone;
         runs = fresh(sweep, args.out_dir)  # the tables (here and in the notebooks) take its whole seeds
-        if not runs:
-            p.error(f"no run of the {args.sweep} sweep in the cache follows the code: run `python sweep.py --sweep {args.sweep}` first")
+        if not runs:  # said, not raised: --study --export goes on to the next sweep
+            print(f"sweep.py: no run of the {args.sweep} sweep in the cache follows the code: run "
+                  f"`python sweep.py --sweep {args.sweep}` first", file=sys.stderr)
+            return 1
         done, results = whole_seeds(sweep, runs)
         print(f"{args.sweep}: seeds {list(done.seeds)} of {list(sweep.seeds)} finished, {len(results)} runs; "
               f"{len(runs) - len(results)} runs of unfinished seeds kept for the next session\n")
-        if results:
+        if results and args.sweep in STUDY and "," not in sweep_tasks(sweep):
+            print(study_tables(done, results, args.out_dir))
+        elif results:
             print(table(summary(done, results, args.out_dir)) if "," not in sweep_tasks(sweep) else continual_table(done, results))
+        if results and args.sweep == "axis" and not args.preset:  # the main command's last lines
+            path = ROOT / "results" / "summary.json"
+            path.write_text(json.dumps({"main_command": main_command_lines(done, results)}, indent=1))
+            print(f"wrote {path}")
         print(f"\nwrote {export(args.sweep + ('_smoke' if args.preset else ''), runs)}")
         return 0
     t0 = time.time()
@@ -525,6 +736,8 @@ def main(argv=None):
           f"chance {first['fact_chance']:.1%}; task accuracy before {first['task_acc_before']:.1%}\n")
     if "," in sweep_tasks(sweep):
         print(continual_table(sweep, results, args.out_dir))
+    elif args.sweep in STUDY:
+        print(study_tables(sweep, results, args.out_dir))
     else:
         print(table(summary(sweep, results, args.out_dir)))
     return 0

@@ -40,14 +40,15 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 import hft
+import pullback
 from data import (TASKS, build_corpus, estimate_loss, fact_scores, make_rows, shard, task_scores,
                   test_problems, text_windows, train_problems)
 from model import TinyLlama
 from mofo import MoFO
-from pretrain import (autocast, get_lr, load_or_pretrain, log, model_config, pick_device,
+from pretrain import (autocast, get_lr, load_or_pretrain, log, machine, model_config, pick_device,
                       read_checkpoint, restore, save_state, setup_distributed, shard_model, step,
                       whole, wrap)
-from report import plot, report
+from report import label, plot, report
 
 @dataclass
 class Config:  # every field is a flag: --help shows the comment beside it
@@ -93,7 +94,8 @@ class Config:  # every field is a flag: --help shows the comment beside it
     replay: float = 0.0  # share of each batch that is pre-training text, in [0, 1)
     task_replay: float = 0.0  # continual: share of each batch that is earlier tasks' problems
     eval_problems: int = 500  # held-out test problems per task, scored at the end
-    curve_points: int = 8  # evaluations along each task, besides step 0 (a subset of probes)
+    curve_points: int = 8  # evaluations along each task, besides step 0 (every fact, every problem)
+    pullback: bool = False  # score the end weights pulled back toward θ0 too (pullback.py)
 
 PRESETS = {  # --preset: a named starting point; flags given on the command line still win
     "smoke": dict(out_dir="out/smoke", n_people=12, n_layer=2, n_head=2, n_embd=32, block_size=64,
@@ -105,8 +107,7 @@ RUNTIME_KEYS = ("resume", "ckpt_interval", "log_interval", "device", "fsdp", "co
 FINETUNE_BETAS = (0.9, 0.999)  # torch's defaults, which the MoFO paper's fine-tuning uses
 LORA_ALPHA = 16.0  # LoRA's scale is LORA_ALPHA / rank: 2 at rank 8, PEFT's common lora_alpha=16
 REPLAY_CONTEXT_DIVISOR = 2  # replayed windows: half the pre-training context (a row is one unit)
-CURVE_PROBES = 100  # facts scored along the way (all of them at the end)
-CURVE_PROBLEMS = 200  # test problems scored along the way (all eval_problems at the end)
+VAL_PROBLEMS = 200  # per task: validation problems, which choose a run's step (never the tests)
 
 # ----------------------------------------------------------------------------------------------
 # Methods: what each one trains, with which optimizer, and its penalty toward θ0
@@ -174,15 +175,6 @@ METHODS = {  # a new method is one entry, e.g. "mofo_l2": Method(all_params, mof
     "lora": Method(lora_params, adamw, knob="rank"),
 }
 
-def label(config):  # "mofo alpha=0.1", from a run's config (a dict): the method and its knob
-    knob = METHODS[config["method"]].knob
-    name = config["method"] + (f" {knob}={config[knob]:g}" if knob else "")
-    if config["method"] == "mofo" and config["filter"] != "momentum":
-        name += f" filter={config['filter']}"
-    if config["method"] == "lora" and config.get("lora_targets", "all") != "all":
-        name += f" on {config['lora_targets']}"
-    return name
-
 def end_stage(model):  # LoRA's W0 + (α/r)·BA becomes the plain weight; all trainable again
     for module in model.modules():
         if parametrize.is_parametrized(module):
@@ -241,11 +233,11 @@ def run(cfg: Config) -> dict:
     sharded = cfg.fsdp and world > 1
     if sharded:  # before the optimizers are made: sharding replaces the parameters by DTensors
         shard_model(model, device, world)
-    tests = {t: test_problems(t, cfg.data_seed, cfg.eval_problems, corpus.stated) for t in tasks}
-    held_out = {t: {prompt for prompt, _ in tests[t]} for t in tasks}
-    curve_tests = {t: problems[:CURVE_PROBLEMS] for t, problems in tests.items()}
-    curve_probes = tuple(random.Random("curve").sample(corpus.probes,
-                                                       min(CURVE_PROBES, len(corpus.probes))))
+    n = cfg.eval_problems  # test problems first, then validation problems: disjoint, held out
+    drawn = {t: test_problems(t, cfg.data_seed, n + VAL_PROBLEMS, corpus.stated) for t in tasks}
+    held_out = {t: {prompt for prompt, _ in drawn[t]} for t in tasks}
+    tests = {t: problems[:n] for t, problems in drawn.items()}
+    scored = {**tests, **{f"{t}_val": problems[n:] for t, problems in drawn.items()}}
     torch.manual_seed(cfg.seed)
     rng = random.Random(f"finetune/{cfg.seed}")
     state = {"task": 0, "iter_num": 0, "R": [], "curve": [], "time_s": 0.0, "tokens": 0,
@@ -278,7 +270,7 @@ def run(cfg: Config) -> dict:
         for it in range(state["iter_num"], cfg.max_iters + 1):
             if it % every == 0 or it == cfg.max_iters:  # one point of the curves
                 t_eval = time.time()
-                point = measure(model, theta0, curve_probes, corpus.heldout, curve_tests,
+                point = measure(model, theta0, corpus.probes, corpus.heldout, scored,
                                 cfg.block_size, device)
                 state["curve"] = state["curve"] + [{"stage": i, "iter": it, **point}]
                 log(f"{tag} step {it}: task accuracy {point[f'{tasks[i]}_acc']:.1%}, facts "
@@ -313,14 +305,15 @@ def run(cfg: Config) -> dict:
         log(f"after {tasks[i]}: {', '.join(f'{t} {a:.1%}' for t, a in zip(tasks, state['R'][-1]))}")
         state["task"], state["iter_num"] = i + 1, 0
         save_state(ckpt_path, model, None, rng, rank, hft=trainable, config=asdict(cfg), **state)
-    metrics = evaluate(model, theta0, cfg, corpus, pre, state, tasks, device)
+    metrics = evaluate(model, theta0, cfg, corpus, pre, state, tasks, scored, device)
     metrics["wall_s"] = time.time() - t_start  # scoring (and pre-training, if it ran) included
     if rank == 0:
         Path(cfg.out_dir, f"{name}.json").write_text(json.dumps(metrics, indent=1))
     return metrics
 
-def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
-    """The end point on every fact and test problem, against the pre-trained model."""
+def evaluate(model, theta0, cfg, corpus, pre, state, tasks, scored, device):
+    """The end point on every fact and test problem, against the pre-trained model; with
+    --pullback, the end weights pulled back toward θ0 too, each scored as a point of the curves."""
     before, after = pre["metrics"], fact_scores(model, corpus.probes, device)
     after["heldout_loss"] = estimate_loss(model, corpus.heldout, cfg.block_size, device)
     R, T = state["R"], len(tasks)
@@ -334,12 +327,18 @@ def evaluate(model, theta0, cfg, corpus, pre, state, tasks, device):
          "frac_changed": sum((d != 0).sum().item() for d in delta) / sum(d.numel() for d in delta),
          "curve": state["curve"], "time_s": state["time_s"],
          "tokens_per_s": state["tokens"] / max(state["time_s"], 1e-9),
-         "threads": torch.get_num_threads(),
+         "machine": machine(),  # runs round apart across CPUs and thread counts
          "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
          "pretrain_time_s": before["time_s"], "pretrained_fingerprint": pre["fingerprint"],
          "forget_mc": before["fact_mc"] - after["fact_mc"],
          "forget_greedy": before["fact_greedy"] - after["fact_greedy"],
          "heldout_loss_rise": after["heldout_loss"] - before["heldout_loss"]}
+    if cfg.pullback:  # the last use of the model: it is left pulled back
+        theta, m["pullback"] = {n: p.detach().clone() for n, p in model.named_parameters()}, {}
+        for name, (a, b) in pullback.settings().items():
+            pullback.pull_back_(model, theta0, theta, cfg.n_layer, a, b)
+            m["pullback"][name] = measure(model, theta0, corpus.probes, corpus.heldout, scored,
+                                          cfg.block_size, device)
     return m | {f"{k}_{when}": v[k] for k in ("fact_mc", "fact_greedy", "heldout_loss")
                 for when, v in (("before", before), ("after", after))}
 
@@ -369,9 +368,10 @@ def check_config(cfg, world=1):
          f"--n_embd must be a multiple of 2·n_head (rotary), got {cfg.n_embd}"),
         (cfg.batch_size % world == 0, f"--batch_size {cfg.batch_size} must be divisible by the "
                                       f"{world} ranks"),
-        (not cfg.fsdp or (cfg.method in ("full", "mofo", "hft") and not cfg.resume),
-         "--fsdp runs --method full, mofo or hft, without --resume (LoRA and the L1/L2 pull "
-         "need whole tensors)")]
+        (not cfg.fsdp or (cfg.method in ("full", "mofo", "hft") and not cfg.resume
+                          and not cfg.pullback),
+         "--fsdp runs --method full, mofo or hft, without --resume or --pullback (LoRA, the "
+         "L1/L2 pull and the pull-back need whole tensors)")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -422,8 +422,8 @@ def compare(cfg):
     corpus = build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
     load_or_pretrain(cfg, corpus, device, autocast(device), 0, 1)
     threads = max(1, torch.get_num_threads() // 2)
-    log(f"fine-tuning {' and '.join(label(asdict(c)) for c in runs)} side by side, "
-        f"{threads} thread(s) each")
+    names = " and ".join(label(asdict(c), METHODS[c.method].knob) for c in runs)
+    log(f"fine-tuning {names} side by side, {threads} thread(s) each")
     quiet = [replace(c, log_interval=0) for c in runs]  # the curve points are the progress report
     with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         return list(pool.map(run_alone, quiet, [threads] * 2))
@@ -433,8 +433,8 @@ def main(argv=None):
         cfg = parse_args(argv)
         ms = compare(cfg) if cfg.compare not in ("none", cfg.method) else [run(cfg)]
         if int(os.environ.get("RANK", 0)) == 0:
-            names = [label(m["config"]) for m in ms]
-            report(ms, names, CURVE_PROBLEMS, CURVE_PROBES)
+            names = [label(m["config"], METHODS[m["method"]].knob) for m in ms]
+            report(ms, names)
             figure = os.path.join(cfg.out_dir, f"{cfg.run_name or cfg.method}.png")
             plot(ms, names, figure)
             print(f"\nfigure {figure}; metrics and curves in {cfg.out_dir}/<run>.json")

@@ -304,3 +304,60 @@ def test_quick_preset_prints_the_table_and_draws_the_figure(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "| yours (1 × 1 = 1)" in text and "| full (1 × 1 = 1)" in text and "| mofo (1 × 1 = 1)" in text
     assert (tmp_path / "quick.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The study's verdicts
+def test_interval_is_the_paired_t_interval_and_needs_two_seeds():
+    mean, lo, hi, n = sweep.interval([0.01, 0.02, 0.03])
+    half = 4.303 * 0.01 / math.sqrt(3)  # t(0.975, 2 dof) · sd / √n, sd = 0.01
+    assert (mean, n) == (pytest.approx(0.02), 3) and (lo, hi) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
+    assert sweep.interval([0.05])[3] == 1 and math.isnan(sweep.interval([0.05])[1])
+    assert sweep.interval([])[3] == 0
+    assert sweep.facts_sd(0.9) == pytest.approx(0.01225, abs=1e-5)  # every fact: sd <= 1.5 points at 90 %
+
+
+def point(it, val, test, facts, dist):
+    return {"stage": 0, "iter": it, "add_val_acc": val, "add_acc": test, "fact_mc": facts, "dist_abs": dist}
+
+
+def test_chosen_uses_validation_accuracy_never_the_test_problems_or_facts():
+    c = [point(0, 0.0, 0.0, 0.98, 0.0), point(100, 0.5, 0.95, 0.97, 1.0),  # test acc high, validation not
+         point(200, 0.85, 0.80, 0.60, 2.0), point(300, 0.95, 0.97, 0.90, 3.0)]  # facts higher later
+    assert sweep.chosen(c, 0.8) is c[2]  # the first (nearest θ0) to reach 80 % on validation
+    assert sweep.chosen(c, 0.9) is c[3] and sweep.chosen(c, 0.99) is None
+
+
+def test_best_rate_leaves_the_scored_seed_out():
+    p = lambda facts: point(0, 1.0, 1.0, facts, 1.0)
+    by_lr = {1e-4: {0: p(0.50), 1: p(0.80), 2: p(0.80)},  # the others prefer 1e-4
+             2e-4: {0: p(0.95), 1: p(0.70), 2: p(0.70)},  # seed 0 alone would pick 2e-4
+             5e-4: {0: p(0.99), 1: None, 2: p(0.99)}}  # not reached by seed 1: never chosen for seed 0
+    assert sweep.best_rate(by_lr, 0) == (by_lr[1e-4][0], 1e-4)
+    assert sweep.best_rate(by_lr, 1)[1] == 5e-4  # seeds 0 and 2 both reach 5e-4 and keep the most there
+    assert sweep.best_rate({1e-4: {0: p(0.5), 1: None}}, 0) == (None, None)
+
+
+def test_matched_pairs_seeds_and_adds_the_pulled_back_families():
+    s = sweep.Sweep({"full": dict(method="full", pullback=True), "mofo": dict(method="mofo")}, lrs=(1e-4, 2e-4),
+                    lr_for={}, seeds=(0, 1, 2))
+    def metrics(label, lr, seed):
+        gain = 0.05 + 0.01 * seed if label == "mofo" else 0.0
+        m = {"curve": [point(0, 0.0, 0.0, 0.98, 0.0), point(100, 0.9, 0.9, 0.5 + gain, 2.0)]}
+        if label == "full":  # pulled halfway back it still reaches 90 % and keeps 0.7
+            m["pullback"] = {"wise 0.5": point(100, 0.9, 0.9, 0.7, 1.0), "lines 0.5+0.5": point(100, 0.5, 0.5, 0.9, 1.5)}
+        return m
+    pts = sweep.matched(s, fake_results(s, metrics), 0.9)
+    assert set(pts) == {"full", "mofo", "full + wise", "full + lines"}
+    assert pts["full + wise"][1e-4][0]["fact_mc"] == 0.7 and pts["full + lines"][1e-4][0]["fact_mc"] == 0.5
+    mean, lo, hi, n = sweep.at_rate(pts, "mofo", "full", 1e-4)
+    assert n == 3 and mean == pytest.approx(0.06) and lo < 0.06 < hi
+    assert sweep.over_axis(pts, "full + wise", "full")[:1] == (pytest.approx(0.2),)
+    table = sweep.verdict_table(pts)
+    assert "| mofo | +6.0 [" in table and "| full + wise | +20.0 [+20.0, +20.0] |" in table
+
+
+def test_recovery_counts_the_steps_back_against_learning_from_the_pretrained_model():
+    m = {"R": [[0.9]] * 5, "curve": [dict(point(i, 0, a, 0, 0), stage=st) for st, i, a in (
+        (0, 0, 0.0), (0, 200, 0.3), (0, 400, 0.92), (4, 0, 0.0), (4, 200, 0.91))]}
+    assert sweep.recovery(m) == (200, 400)

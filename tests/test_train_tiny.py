@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import data  # noqa: E402
 import pretrain  # noqa: E402
+import report  # noqa: E402
 import train_tiny as tt  # noqa: E402
 from model import ModelConfig  # noqa: E402
 
@@ -32,7 +33,7 @@ def decode(ids):
 def smoke_dir(tmp_path_factory):
     """A smoke out_dir with a pre-trained checkpoint, shared by the tests below."""
     out = tmp_path_factory.mktemp("smoke")
-    metrics = tt.run(replace(SMOKE, out_dir=str(out), method="full"))
+    metrics = tt.run(replace(SMOKE, out_dir=str(out), method="full", pullback=True))
     return out, metrics
 
 
@@ -54,7 +55,7 @@ def test_smoke_pipeline(smoke_dir):
                 "fact_greedy_before", "fact_greedy_after", "fact_chance", "heldout_loss_before",
                 "heldout_loss_after", "forget_mc", "forget_greedy", "heldout_loss_rise", "dist_abs",
                 "dist_rel", "frac_changed", "time_s", "wall_s", "tokens_per_s", "peak_rss_mb", "pretrain_time_s",
-                "curve", "pretrained_fingerprint", "threads"):
+                "curve", "pretrained_fingerprint", "machine"):
         assert key in on_disk, key
     assert on_disk["config"]["method"] == "full" and on_disk["dist_abs"] > 0
     assert 0 < on_disk["frac_changed"] <= 1 and on_disk["tokens_per_s"] > 0
@@ -68,6 +69,44 @@ def test_smoke_pipeline(smoke_dir):
     ckpt = torch.load(out / "full.pt", weights_only=True)
     assert {"model", "optimizer", "hft", "iter_num", "rng", "config"} <= ckpt.keys()
     assert not list(out.glob("*.tmp"))
+    assert {"cpu", "capability", "cores", "threads", "torch"} <= on_disk["machine"].keys()
+
+
+def test_every_curve_point_scores_every_fact_and_the_validation_problems(smoke_dir):
+    _, m = smoke_dir
+    end = m["curve"][-1]  # the same weights as the end point, which scores every fact
+    assert end["fact_mc"] == m["fact_mc_after"] and end["add_acc"] == m["task_acc"]
+    assert all({"add_acc", "add_loss", "add_val_acc", "add_val_loss"} <= p.keys() for p in m["curve"])
+    n = SMOKE.eval_problems  # validation problems follow the test problems: the tests are unchanged
+    corpus = data.build_corpus(SMOKE.data_seed, SMOKE.n_people, SMOKE.filler, SMOKE.corpus, SMOKE.arith)
+    drawn = data.test_problems("add", SMOKE.data_seed, n + tt.VAL_PROBLEMS, corpus.stated)
+    assert drawn[:n] == data.test_problems("add", SMOKE.data_seed, n, corpus.stated)
+    assert len({prompt for prompt, _ in drawn}) == n + tt.VAL_PROBLEMS  # disjoint
+
+
+def test_pullback_scores_the_end_weights_pulled_toward_theta0(smoke_dir):
+    _, m = smoke_dir
+    points = m["pullback"]
+    assert list(points) == ["wise 0.25", "wise 0.5", "wise 0.75", "lines 0.25+0.75", "lines 0.5+0.5"]
+    for lam in (0.25, 0.5, 0.75):  # one λ for every weight: the distance scales by λ
+        assert points[f"wise {lam:g}"]["dist_abs"] == pytest.approx(lam * m["dist_abs"], rel=1e-5)
+    for name in ("lines 0.25+0.75", "lines 0.5+0.5"):  # λ from a (first block) to 1 (last)
+        a = float(name.split()[1].split("+")[0])
+        assert a * m["dist_abs"] < points[name]["dist_abs"] < m["dist_abs"]
+    assert all({"fact_mc", "add_acc", "add_val_acc", "heldout_loss"} <= p.keys() for p in points.values())
+
+
+def test_lines_scales_each_block_by_its_depth():
+    import pullback
+    names = ["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight",
+             "model.layers.1.mlp.up_proj.weight", "model.layers.2.mlp.up_proj.weight",
+             "model.norm.weight", "lm_head.weight"]
+    theta0 = {n: torch.zeros(2) for n in names}
+    theta = {n: torch.ones(2) for n in names}
+    lam = {n: w[0].item() for n, w in pullback.pulled(theta0, theta, 3, 0.25, 0.75).items()}
+    assert lam == {names[0]: 0.25, names[1]: 0.25, names[2]: 0.625, names[3]: 1.0,
+                   names[4]: 1.0, names[5]: 1.0}
+    assert all(w[0].item() == 0.5 for w in pullback.pulled(theta0, theta, 3, 0.5, 0.0).values())
 
 
 def test_finetuning_loss_falls(smoke_dir):
@@ -310,7 +349,7 @@ def test_lora_on_q_and_v_adapts_only_those_two_matrices():
     params, _ = tt.lora_params(model, replace(SMOKE, rank=4, lora_targets="qv"), stage=0)
     adapted = sorted({n.split(".parametrizations")[0].split(".")[-1] for n, p in model.named_parameters() if "lora_" in n})
     assert adapted == ["q_proj", "v_proj"] and len(params) == 2 * 2 * 2  # A, B on 2 matrices, 2 blocks
-    assert tt.label(dict(vars(replace(SMOKE, method="lora", lora_targets="qv")))) == "lora rank=8 on qv"
+    assert report.label(dict(vars(replace(SMOKE, method="lora", lora_targets="qv"))), "rank") == "lora rank=8 on qv"
     with pytest.raises(ValueError, match="--lora_targets"):
         tt.check_config(replace(SMOKE, lora_targets="q"))
 
@@ -459,6 +498,10 @@ def test_the_main_command_compares_with_full_finetuning_side_by_side(smoke_dir, 
                                         f"{b['add_acc']:.1%}", f"{b['fact_mc']:.1%}"] for line in text.splitlines()), step
     facts = next(line for line in text.splitlines() if line.startswith("facts kept, MC"))
     assert facts.split()[-2:] == [f"{pair['fact_mc_after']:.1%}", f"{base['fact_mc_after']:.1%}"]
+    # it ends saying what the comparison is, and what it is not, in the study's words
+    last = text.rstrip().splitlines()[-4:-2]
+    assert last[0].startswith("What this is: mofo alpha=0.1 and full at the same rate 0.001")
+    assert last[1] == "What it is not: " + " ".join(report.summary_lines())
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -467,6 +510,13 @@ def test_the_main_command_compares_with_full_finetuning_side_by_side(smoke_dir, 
         torch.set_num_threads(threads)
     same = ("R", "curve", "fact_mc_after", "heldout_loss_after", "dist_abs", "frac_changed")
     assert {k: alone[k] for k in same} == {k: pair[k] for k in same}
+
+
+def test_the_last_lines_come_from_the_study_summary(tmp_path):
+    path = tmp_path / "summary.json"
+    path.write_text(json.dumps({"main_command": ["Full at its best rate keeps 90 %.", "Seeds: 3."]}))
+    assert report.summary_lines(path) == ["Full at its best rate keeps 90 %.", "Seeds: 3."]
+    assert "is not in results/" in report.summary_lines(tmp_path / "missing.json")[0]
 
 
 def test_a_single_run_prints_its_curve(smoke_dir, capsys):
