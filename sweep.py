@@ -174,7 +174,8 @@ SWEEPS["alpha_low"] = Sweep({**{f"mofo-α{a:g}": dict(method="mofo", alpha=a)  #
                             lrs=(2e-4,), lr_for={}, lr_scale={}, base=dict(QUIET, max_iters=RATE_STEPS))
 # Continual at each family's best low rate (BEST_RATE), then task 1 again: how many steps bring it
 # back, against learning it from the pre-trained model (stage 0 of the same run): skill or format?
-RECOVERY = {k: dict(v, tasks="add,reverse,sort,count,add") for k, v in CONTINUAL_LOW.items()}
+RECOVERY = {k: dict(CONTINUAL_LOW[k], tasks="add,reverse,sort,count,add")  # 3 of the 5 families:
+            for k in ("full", "mofo alpha=0.1", "task-replay 10%")}  # the study's budget (HFT, L2 cut)
 SWEEPS["recovery"] = Sweep(RECOVERY, lrs=(BEST_RATE["full"],),
                            lr_for={k: (r,) for k, r in BEST_RATE.items()}, lr_scale={},
                            base=dict(QUIET, max_iters=RATE_STEPS, curve_points=10, eval_problems=200))
@@ -722,8 +723,8 @@ def main(argv=None):
             print(study_tables(done, results, args.out_dir))
         elif results:
             print(table(summary(done, results, args.out_dir)) if "," not in sweep_tasks(sweep) else continual_table(done, results))
-        if results and args.sweep == "axis" and not args.preset:  # the main command's last lines
-            path = ROOT / "results" / "summary.json"
+        if len(done.seeds) >= 2 and args.sweep == "axis" and not args.preset:  # the main command's
+            path = ROOT / "results" / "summary.json"  # last lines: a rate chosen on other seeds
             path.write_text(json.dumps({"main_command": main_command_lines(done, results)}, indent=1))
             print(f"wrote {path}")
         print(f"\nwrote {export(args.sweep + ('_smoke' if args.preset else ''), runs)}")

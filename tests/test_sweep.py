@@ -361,3 +361,15 @@ def test_recovery_counts_the_steps_back_against_learning_from_the_pretrained_mod
     m = {"R": [[0.9]] * 5, "curve": [dict(point(i, 0, a, 0, 0), stage=st) for st, i, a in (
         (0, 0, 0.0), (0, 200, 0.3), (0, 400, 0.92), (4, 0, 0.0), (4, 200, 0.91))]}
     assert sweep.recovery(m) == (200, 400)
+
+
+def test_the_main_command_lines_give_both_methods_at_their_own_best_rates():
+    s = sweep.Sweep({"full": dict(method="full"), "mofo-α0.1": dict(method="mofo")}, lrs=(1e-4, 1e-3),
+                    lr_for={}, seeds=(0, 1, 2))
+    def metrics(label, lr, seed):  # full keeps most at 1e-4, MoFO at 1e-3; MoFO 2 points above full
+        kept = {("full", 1e-4): 0.90, ("full", 1e-3): 0.20, ("mofo-α0.1", 1e-4): 0.50, ("mofo-α0.1", 1e-3): 0.92}
+        return {"curve": [point(0, 0.0, 0.0, 0.97, 0.0), point(250, 0.95, 0.95, kept[label, lr] + seed / 1000, 1.0)]}
+    line, = sweep.main_command_lines(s, fake_results(s, metrics))
+    assert "(lr 0.0001 for full, 0.001 for MoFO α 0.1" in line and "3 seeds" in line
+    assert "full fine-tuning keeps 90.1% of the facts and MoFO 92.1%" in line
+    assert "a difference of +2.0 points [+2.0, +2.0]" in line
