@@ -40,26 +40,24 @@ assert (FIGURES / "01_adam_bound.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "02_forgetting.ipynb": """
-assert set(FRONT) == {sweep.family(label) for label in sweep.FRONTIER}
-for fam, r in FRONT.items():  # every seed's envelope is a Pareto front of its runs' curve points
-    assert r["n_runs"] == r["n_configs"] * r["n_seeds"], fam
-    for seed, front in r["fronts"].items():
-        pts = [sweep.xy_of(p) for _, _, c in CURVES[fam][seed] for p in c]
-        assert set(front) <= set(pts), fam
-        for fx, fy in front:
-            assert not any(x >= fx and y >= fy and (x, y) != (fx, fy) for x, y in pts), fam
-    m, s = sweep.mean_front(FRONT[fam], GRID)
-    assert np.all((m[~np.isnan(m)] >= 0) & (m[~np.isnan(m)] <= 1)), fam
-for fam, by_seed in CURVES.items():  # every run evaluated at step 0 and along the way, to the budget
-    for runs in by_seed.values():
-        for label, lr, c in runs:
-            assert c[0]["iter"] == 0 and c[-1]["iter"] == STEPS and len(c) == first["config"]["curve_points"] + 1
-assert set(FRONT_LOSS) == set(FRONT) and all(r["fronts"] for r in FRONT_LOSS.values())
-assert set(TRANS) == set(SWEEP.methods) and set(BEST) == set(FRONT)
+s, r = DONE["axis"]
+assert s.seeds and set(CURVES) >= set(s.methods) and RATES == sorted(s.lrs)
+for label, lr, seed, m in sweep.trained(s, r):  # every curve point scores every fact and the validation problems
+    assert all({"fact_mc", "add_acc", "add_val_acc", "dist_abs"} <= p.keys() for p in m["curve"]), label
+    assert m["curve"][-1]["fact_mc"] == m["fact_mc_after"], label
+for label, by_lr in CURVES.items():  # the drawn curve is the mean over seeds of the runs' points
+    for lr, c in by_lr.items():
+        runs = [m["curve"] for l, r_, _, m in sweep.trained(s, r) if (l, r_) == (label, lr)]
+        assert c.shape == (len(runs[0]), 2), label
+        assert np.allclose(c[:, 1], np.mean([[p["fact_mc"] for p in run] for run in runs], 0)), label
+assert set(PTS) == set(s.methods) | {"full + wise", "full + lines"}
+for label, by_lr in PTS.items():  # each chosen point reaches 90 % on validation, and is the nearest θ0 that does
+    for by_seed in by_lr.values():
+        assert all(p is None or p["add_val_acc"] >= AT for p in by_seed.values()), label
+assert DIST.ndim == 2 or len(DIST) == 0
 assert DELTA["mofo"].shape == DELTA["full"].shape == tuple(THETA0[MATRIX].shape)
 assert FRACTION["full"] > FRACTION["mofo"] > 0  # MoFO moved fewer entries of the matrix than full fine-tuning
-assert all(MOVED[n]["model.norm.weight"].shape == THETA0["model.norm.weight"].shape for n in MOVED)
-for name in ("02_frontier", "02_frontier_loss", "02_curves", "02_mask"):
+for name in ("02_curves", "02_per_rate", "02_distance", "02_mask"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
