@@ -1,25 +1,20 @@
-"""Forgetting trade-off frontiers: every method over its own knob x learning rates x seeds.
+"""The study: every method at the same learning rates and seeds, read at the same task accuracy.
 
-    python sweep.py                    # the headline frontier sweep on 2 CPU cores, then its tables
-    python sweep.py --sweep v1         # the same on the v1 corpus (no digits in pre-training)
-    python sweep.py --sweep ablation   # MoFO's filter ablation (momentum/gradient/update/random)
-    python sweep.py --sweep alpha      # MoFO's α from 0.01 to 1, beside full fine-tuning (= α 1)
-    python sweep.py --sweep rates      # every method at the same 5 rates, 1e-4 ... 2e-3 (LLM practice)
-    python sweep.py --sweep rates_long # the lowest of them at twice the steps, for the methods that learn slowly
-    python sweep.py --sweep continual  # four tasks in a row, every method: accuracy matrix, OP, BWT
-    python sweep.py --sweep continual_low  # the same at each method's best low rate, 2000 steps per task
-    python sweep.py --sweep tokens64   # full and MoFO at their best low rates, every width on the same tokens
-    python sweep.py --preset smoke     # a sweep's whole pipeline on a toy model, in seconds (CI)
-    python sweep.py --revalidate       # after a code change: re-run a few cached runs, re-stamp if equal
+    python sweep.py --study            # the whole study, sweep after sweep (a restart resumes it)
+    python sweep.py --sweep axis       # one of its sweeps: axis, lora, filters, alpha_low, recovery,
+                                       #   width64, width192 (what each is: the grids below)
     python sweep.py --export           # results/<sweep>.json from the cache: what the notebooks draw
+    python sweep.py --preset smoke     # a sweep's whole pipeline on a toy model, in seconds (CI)
+    python sweep.py --preset quick --method mofo --filter random   # your method beside full and MoFO
+    python sweep.py --revalidate       # after a code change: re-run a few cached runs, re-stamp if equal
 
-Why a sweep: the learning rate decides how much any method forgets, and a method tuned over more
-configurations looks better by selection alone. So each method gets the same number of
-configurations (its own knob x the learning rates; full fine-tuning a finer grid of rates), and is
-judged by its *frontier*: the upper-right envelope of (task accuracy, knowledge kept) over its
-configurations and over the steps at which every run is evaluated (a method that learns more slowly
-per step is not judged at one budget). Envelopes are drawn per seed; the tables give the mean and
-std over seeds of the knowledge kept at a matched task accuracy.
+Why a sweep: the learning rate decides how much any method forgets, so a comparison at one rate says
+little; each method runs at the same rates, and is read at the same task accuracy. A run is scored
+every 250 steps on all 600 facts, the test problems and 200 validation problems. Its point at a task
+accuracy is the first scored step whose *validation* accuracy reaches it (never the test problems or
+the facts, which then score that step). Two methods are compared by the difference of the facts
+kept, paired by seed, with a 95 % t-interval over the seeds; "each at its own best rate" takes, for
+each seed, the rate that the *other* seeds keep the most at.
 
 Every run is one train_tiny.run(); its metrics land in <out_dir>/sweep/<key>.json with the
 fingerprint of the code that produced them. A cached run is served only while its configuration
@@ -45,112 +40,29 @@ import torch
 import data
 import pretrain
 import train_tiny as tt
-from report import label
+from report import color, label
 from stamp import changed, stamp
 
 ROOT = Path(__file__).resolve().parent
 STAMP = stamp("train_tiny.py")  # what every run computes with: taken at import, the code this process runs
 
 # ----------------------------------------------------------------------------------------------
-# What is swept: a label "<family> <knob>" and the train_tiny flags that make it
-def knob(family, method, name, values, **flags):
-    return {f"{family} {name}={v:g}": dict(method=method, **{name: v}, **flags) for v in values}
-
-FRONTIER = {  # equal tuning: 2 knob values x 2 rates each; full fine-tuning 4 rates; replay the reference
-    **knob("mofo", "mofo", "alpha", (0.05, 0.1)),        # the paper's continual and default α
-    **knob("hft", "hft", "hft_ratio", (0.25, 0.5)),       # HFT's paper trains 1/2; and half of that
-    **knob("l1", "l1", "reg", (1e-4, 1e-3)),              # an order of magnitude from v1's tuned 1e-4
-    **knob("l2", "l2", "reg", (1e-2, 1e-1)),              # likewise from 1e-2
-    **knob("lora", "lora", "rank", (4, 16)),              # PEFT's range of ranks, on the block matrices
-    "full": dict(method="full"),
-    "replay 25%": dict(method="full", replay=0.25),       # needs the pre-training data: a reference line
-}
-LRS = (1e-3, 2e-3)  # the knob methods' rates: their own knob already trades learning for keeping
-FULL_LRS = tuple(5e-4 * 4 ** (k / 3) for k in range(4))  # 5e-4 ... 2e-3, a factor 1.59 apart: 4 rates
-ABLATION = {f"mofo-{f}": dict(method="mofo", alpha=0.1, filter=f)  # the MoFO paper's filter ablation;
-            for f in ("momentum", "gradient", "update", "random")}  # one family each, 2 rates
-ALPHAS = {**{f"mofo-α{a:g}": dict(method="mofo", alpha=a) for a in (0.01, 0.05, 0.1, 0.25, 0.5, 1.0)},
-          "full": dict(method="full")}  # α = 1 is AdamW, bitwise, so it equals this run
-CONTINUAL = {  # add -> reverse -> sort -> count; L1 and LoRA left out (below L2 and full on the frontier)
-    "full": dict(method="full"),
-    **knob("mofo", "mofo", "alpha", (0.05,)),                     # the paper's α for continual tuning
-    "hft": dict(method="hft"),                                     # half of each block, re-drawn per task
-    **knob("l2", "l2", "reg", (1e-2,)),
-    "task-replay 10%": dict(method="full", task_replay=0.1),      # the positive control: earlier tasks' data
-    "mofo+task-replay 10%": dict(method="mofo", alpha=0.05, task_replay=0.1),  # the paper's MoFO + replay
-}
-LATER_FLAGS = {"task_replay": 0.0, "compile": False, "lora_targets": "all", "pullback": False}  # flags that joined the key after runs were cached:
-                                                      # left out at this value, so a run's key (and result) stays
-SIZES = {  # width (head size 32 throughout, same depth): each pre-trained to >= 95% of the facts
-    64: dict(n_embd=64, n_head=2, pretrain_max_iters=5000),  # the small model learns the facts slowly
-    128: dict(n_embd=128, n_head=4),  # train_tiny's default model: its runs are the frontier sweep's
-    192: dict(n_embd=192, n_head=6, pretrain_max_iters=1800, pretrain_lr=2e-3),
-}
-SCALE = {"full": dict(method="full"),  # each family at its best knob on the 128-wide frontier
-         **knob("mofo", "mofo", "alpha", (0.05,)), **knob("hft", "hft", "hft_ratio", (0.25,)),
-         **knob("l2", "l2", "reg", (1e-2,))}
-RATES = {  # issue 22's low-rate axis: one configuration per family, so every family gets the same 5 rates
-    "full": dict(method="full"),
-    "mofo-α0.05": dict(method="mofo", alpha=0.05),               # the paper's continual α
-    "mofo-α0.1": dict(method="mofo", alpha=0.1),                 # the paper's default α
-    "hft": dict(method="hft", hft_ratio=0.5),                    # the paper's half, by category
-    "l2": dict(method="l2", reg=1e-2),
-    "lora-all": dict(method="lora", rank=8),                     # PEFT's defaults (r 8, lora_alpha 16, no
-    "lora-qv": dict(method="lora", rank=8, lora_targets="qv"),   # dropout) on all block matrices / on q, v
-    "lora-r1": dict(method="lora", rank=1),  # a rank as small against the width (1/128) as an LLM's 8 of 4096 is
-}                                            # (1/512) nearly: added after seeds 0-1, before any of its runs
-R1_SCALE = 4.0 / 8  # rank 1's scale 16/1 is 8x rank 8's 16/8, and under Adam the scale acts as a rate factor
-                    # (LoRA paper, section 4.1): 1/8 of rank 8's rates keeps scale x rate on rank 8's grid
-RATE_AXIS = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)  # 1/30 ... 2/3 of pre-training's 3e-3, a 1-2-5 grid; LoRA x4
-RATE_STEPS = 2000  # fixed from one pilot (full, lr 1e-4, 4000 steps): task accuracy 79% at 1000, 95% at 2000
+# What is swept: a label and the train_tiny flags that make it. Grids fixed before any of their runs.
+RATES = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)  # the rate axis: 1/30 ... 2/3 of pre-training's 3e-3, 1-2-5
+STEPS = 2000  # from one pilot (full, lr 1e-4): task accuracy 79 % at 1000 steps, 95 % at 2000
 QUIET = dict(log_interval=10**9, ckpt_interval=0,  # sweeps keep each run's JSON, not its checkpoints,
-             device="cpu")  # and pre-train and fine-tune on the CPU: a GPU's bf16 autocast rounds apart, same key
+             device="cpu")  # and pre-train and fine-tune on the CPU: a GPU's bf16 autocast rounds apart
+LATER_FLAGS = {"task_replay": 0.0, "compile": False, "lora_targets": "all", "pullback": False}
+# flags that joined the key after runs were cached: left out at this value, so a run's key stays
 
 @dataclass
 class Sweep:
-    methods: dict
-    lrs: tuple = LRS
-    lr_for: dict = field(default_factory=lambda: {"full": FULL_LRS, "replay 25%": (1e-3,)})  # own grids
-    lr_scale: dict = field(default_factory=lambda: {"lora": 4.0})      # LoRA's usual rates are higher (by label or method)
+    methods: dict  # label -> train_tiny flags
+    lrs: tuple = RATES
+    lr_for: dict = field(default_factory=dict)  # label -> its own rates
     seeds: tuple = (0, 1, 2)
-    base: dict = field(default_factory=lambda: dict(QUIET))
+    base: dict = field(default_factory=lambda: dict(QUIET, max_iters=STEPS))
 
-SWEEPS = {"frontier": Sweep(FRONTIER),
-          "v1": Sweep(FRONTIER, base=dict(QUIET, corpus="v1")),  # what changed with the corpus
-          "ablation": Sweep(ABLATION),
-          "alpha": Sweep(ALPHAS, lrs=(1e-3,), lr_for={}),
-          "continual": Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL.items()},
-                             lr_for={}, base=dict(QUIET, max_iters=400, curve_points=1, eval_problems=200))}
-SWEEPS["rates"] = Sweep(RATES, lrs=RATE_AXIS, lr_for={}, lr_scale={"lora": 4.0, "lora-r1": R1_SCALE},
-                        base=dict(QUIET, max_iters=RATE_STEPS))
-# The rates sweep's lowest rate at twice its budget: at 1e-4 MoFO (37 % task accuracy), HFT (73 %) and LoRA
-# (62 %) had not passed the task's learning transition in 2000 steps, so the axis judged them short there.
-# Fixed before any of its runs: full, MoFO α 0.1, HFT and LoRA r 8 at 1e-4 (LoRA 4e-4), 4000 steps.
-SWEEPS["rates_long"] = Sweep({k: RATES[k] for k in ("full", "mofo-α0.1", "hft", "lora-all")}, lrs=RATE_AXIS[:1],
-                             lr_for={}, base=dict(QUIET, max_iters=2 * RATE_STEPS))
-BEST_RATE = {"full": 1e-4, "mofo alpha=0.1": 2e-4, "hft": 2e-4, "l2 reg=0.01": 1e-4}  # each family's best rate on
-# the rates sweep (facts kept at 80% task accuracy, seeds 0-1; MoFO's best is α 0.1), fixed before any run below
-CONTINUAL_LOW = {"full": CONTINUAL["full"], **knob("mofo", "mofo", "alpha", (0.1,)), "hft": CONTINUAL["hft"],
-                 "l2 reg=0.01": CONTINUAL["l2 reg=0.01"],
-                 "task-replay 10%": CONTINUAL["task-replay 10%"]}  # the positive control, at full's rate
-SWEEPS["continual_low"] = Sweep({k: dict(v, tasks="add,reverse,sort,count") for k, v in CONTINUAL_LOW.items()},
-                                lrs=(BEST_RATE["full"],), lr_for={k: (r,) for k, r in BEST_RATE.items()},  # lrs: smoke's
-                                base=dict(QUIET, max_iters=RATE_STEPS, curve_points=1, eval_problems=200))
-SCALE_RATES = {64: 2, 128: 2, 192: 1}  # rates per method; a 192-wide run costs ~5x a 64-wide one: one fit
-SWEEPS.update({f"scale{w}": Sweep(SCALE, lrs=LRS[:n], lr_for={"full": FULL_LRS[::2][:n]}, base=dict(QUIET, **SIZES[w]))
-               for w, n in SCALE_RATES.items()})  # 1e-3 then 2e-3 (full: 5e-4 then 1.26e-3); 1e-3 was best at 128
-# Scale without the pre-training confound: every width pre-trained on the 128-wide model's tokens (1200
-# steps x 32 x 128), then full fine-tuning and MoFO at their best low rates. Fixed before any tokens64 or
-# tokens192 run; tokens128's runs are the rates sweep's.
-TOKENS = {"full": dict(method="full"), **knob("mofo", "mofo", "alpha", (0.1,))}
-for w in SIZES:
-    SWEEPS[f"tokens{w}"] = Sweep(TOKENS, lrs=(BEST_RATE["full"],), lr_for={k: (BEST_RATE[k],) for k in TOKENS},
-                                 base=dict(QUIET, max_iters=RATE_STEPS,
-                                           **{**SIZES[w], "pretrain_max_iters": tt.Config().pretrain_max_iters}))
-# ----------------------------------------------------------------------------------------------
-# The study (recomputed on the lean core): every fact scored at every curve point, each run's step
-# chosen by validation problems, differences paired over seeds. Grids fixed before any of its runs.
-STUDY_RATES = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)  # the rate axis: 1/30 ... 2/3 of pre-training's 3e-3
 AXIS = {  # one configuration per family, each at every rate: equal tuning is the same 5 rates
     "full": dict(method="full", pullback=True),  # + WiSE-FT and LiNeS at its end (pullback.py)
     "mofo-α0.05": dict(method="mofo", alpha=0.05),  # the paper's continual α
@@ -159,54 +71,53 @@ AXIS = {  # one configuration per family, each at every rate: equal tuning is th
     "l2": dict(method="l2", reg=1e-2),
     "replay 25%": dict(method="full", replay=0.25),  # the reference that needs the old data
 }
-SWEEPS["axis"] = Sweep(AXIS, lrs=STUDY_RATES, lr_for={"replay 25%": (1e-4, 1e-3)}, lr_scale={},
-                       base=dict(QUIET, max_iters=RATE_STEPS))
-# LoRA at the same rates as every other method, down to full fine-tuning's best (1e-4; the rates
-# sweep gave LoRA 4x the rates), at twice the steps: at 4e-4 it had 62 % task accuracy at 2000.
-SWEEPS["lora"] = Sweep({"lora": dict(method="lora", rank=8)}, lrs=STUDY_RATES, lr_for={},
-                       lr_scale={}, base=dict(QUIET, max_iters=2 * RATE_STEPS))
+SWEEPS = {"axis": Sweep(AXIS, lr_for={"replay 25%": (1e-4, 1e-3)})}
+# LoRA at the same rates as every other method, at twice the steps: it learns more slowly per step
+SWEEPS["lora"] = Sweep({"lora": dict(method="lora", rank=8)}, base=dict(QUIET, max_iters=2 * STEPS))
 FILTERS = {f"mofo-{f}": dict(method="mofo", alpha=0.1, filter=f)  # the MoFO paper's ablation;
            for f in ("momentum", "gradient", "update", "random")}  # momentum's runs are the axis's
-SWEEPS["filters"] = Sweep(FILTERS, lrs=STUDY_RATES[:4], lr_for={}, lr_scale={},
-                          base=dict(QUIET, max_iters=RATE_STEPS))
+SWEEPS["filters"] = Sweep(FILTERS, lrs=RATES[:4])
 SWEEPS["alpha_low"] = Sweep({**{f"mofo-α{a:g}": dict(method="mofo", alpha=a)  # α 1 is full: AdamW
                                 for a in (0.01, 0.05, 0.1, 0.25, 0.5)}, "full": AXIS["full"]},
-                            lrs=(2e-4,), lr_for={}, lr_scale={}, base=dict(QUIET, max_iters=RATE_STEPS))
-# Continual at each family's best low rate (BEST_RATE), then task 1 again: how many steps bring it
-# back, against learning it from the pre-trained model (stage 0 of the same run): skill or format?
-RECOVERY = {k: dict(CONTINUAL_LOW[k], tasks="add,reverse,sort,count,add")  # 3 of the 5 families:
-            for k in ("full", "mofo alpha=0.1", "task-replay 10%")}  # the study's budget (HFT, L2 cut)
-SWEEPS["recovery"] = Sweep(RECOVERY, lrs=(BEST_RATE["full"],),
-                           lr_for={k: (r,) for k, r in BEST_RATE.items()}, lr_scale={},
-                           base=dict(QUIET, max_iters=RATE_STEPS, curve_points=10, eval_problems=200))
+                            lrs=(2e-4,))
+AXIS_BEST = {"full": 1e-4, "mofo-α0.1": 2e-4}  # PLACEHOLDER
+# Continual: four tasks at each method's rate, then task 1 again: how many steps bring it back,
+# against learning it from the pre-trained model (stage 0 of the same run): skill or format?
+TASKS5 = "add,reverse,sort,count,add"
+RECOVERY = {"full": dict(method="full", tasks=TASKS5),
+            "mofo alpha=0.1": dict(method="mofo", alpha=0.1, tasks=TASKS5),
+            "task-replay 10%": dict(method="full", task_replay=0.1, tasks=TASKS5)}  # the positive control
+SWEEPS["recovery"] = Sweep(RECOVERY, lrs=(AXIS_BEST["full"],),  # replay at full's rate
+                           lr_for={"mofo alpha=0.1": (AXIS_BEST["mofo-α0.1"],)},
+                           base=dict(QUIET, max_iters=STEPS, curve_points=10, eval_problems=200))
+# Width on the same pre-training tokens (the 128-wide model's 1200 steps); width128 is axis runs
+SIZES = {64: dict(n_embd=64, n_head=2), 128: dict(n_embd=128, n_head=4),  # head size 32
+         192: dict(n_embd=192, n_head=6, pretrain_lr=2e-3)}
 WIDTH = {"full": AXIS["full"], "mofo alpha=0.1": dict(method="mofo", alpha=0.1)}
-for w in SIZES:  # every width on the 128-wide model's pre-training tokens; width128 is axis runs
-    SWEEPS[f"width{w}"] = Sweep(WIDTH, lrs=(BEST_RATE["full"],), lr_scale={},
-                                lr_for={k: (BEST_RATE[k],) for k in WIDTH},
-                                base=dict(QUIET, max_iters=RATE_STEPS, **{
-                                    **SIZES[w], "pretrain_max_iters": tt.Config().pretrain_max_iters}))
+for w in SIZES:
+    SWEEPS[f"width{w}"] = Sweep(WIDTH, lrs=(AXIS_BEST["full"],),
+                                lr_for={"mofo alpha=0.1": (AXIS_BEST["mofo-α0.1"],)},
+                                base=dict(QUIET, max_iters=STEPS, **SIZES[w]))
 STUDY = ("axis", "lora", "filters", "alpha_low", "recovery", "width64", "width192")  # run order
 
 SMOKE = {**tt.PRESETS["smoke"], **QUIET}
 
 def smoke(sweep):  # the same sweep shrunk to seconds: toy model, one rate, one seed
     return replace(sweep, lrs=sweep.lrs[-1:], lr_for={}, seeds=sweep.seeds[:1], base={
-        **{k: v for k, v in sweep.base.items() if k not in SMOKE}, **SMOKE})  # e.g. corpus="v1" stays
+        **{k: v for k, v in sweep.base.items() if k not in SMOKE}, **SMOKE})
 
 def quick(flags):
     """--preset quick: a student's method (train_tiny flags, e.g. method="mofo", filter="random")
-    against full fine-tuning and MoFO's default, at the knob methods' two rates, seed 0, on the shipped
-    pre-trained model: 4-6 runs, minutes on 2 cores. Its label is "yours ..." where it would share a
-    family with a baseline, so that it gets a frontier of its own."""
-    methods = {"full": dict(method="full"), "mofo alpha=0.1": dict(method="mofo", alpha=0.1)}
+    beside full fine-tuning and MoFO α 0.1 at two rates of the axis, seed 0. The baselines' runs are
+    the axis sweep's (served from results/axis.json): only the student's runs are computed."""
+    methods = {"full": AXIS["full"], "mofo-α0.1": AXIS["mofo-α0.1"]}
     flags = {"method": "mofo", **flags}
-    if flags not in (*methods.values(), {"method": "mofo"}):  # not one of the baselines again
+    if flags not in ({"method": "full"}, {"method": "mofo"}, *methods.values()):  # not a baseline again
         config = asdict(replace(tt.Config(), **flags))
-        name = label(config, tt.METHODS[config["method"]].knob)
-        methods[("yours " if family(name) in ("full", "mofo") else "") + name] = flags
-    return Sweep(methods, lr_for={}, seeds=(0,))
+        methods["yours: " + label(config, tt.METHODS[config["method"]].knob)] = flags
+    return Sweep(methods, lrs=(2e-4, 1e-3), seeds=(0,))
 
-def family(label):  # "mofo alpha=0.1" -> "mofo": the frontier is drawn per family
+def family(label):  # "mofo alpha=0.1" -> "mofo"; "replay 25%" -> "replay"
     return label.split(" ")[0]
 
 # ----------------------------------------------------------------------------------------------
@@ -218,8 +129,7 @@ def configs(sweep, out_dir=None):
     for seed in sweep.seeds:
         for label, flags in sweep.methods.items():
             for lr in sweep.lr_for.get(label, sweep.lrs):
-                cfg = tt.Config(**{**sweep.base, **flags, "seed": seed,
-                                   "lr": lr * sweep.lr_scale.get(label, sweep.lr_scale.get(flags["method"], 1.0))})
+                cfg = tt.Config(**{**sweep.base, **flags, "seed": seed, "lr": lr})
                 cfg = replace(cfg, out_dir=out_dir or cfg.out_dir)
                 what = {k: v for k, v in asdict(cfg).items() if k not in tt.RUNTIME_KEYS + ("out_dir", "run_name")
                         and not (k in LATER_FLAGS and v == LATER_FLAGS[k])}
@@ -402,116 +312,6 @@ def trained(sweep, results, out_dir=None):
         if key in results and "diverged" not in results[key]:
             yield label, lr, seed, results[key]
 
-def curves(sweep, results, out_dir=None):
-    """{family: {seed: [(label, lr, curve)]}}: each run's evaluations along training, diverged runs
-    left out. A curve is [{iter, <task>_acc, <task>_loss, fact_mc, heldout_loss, dist_abs}]."""
-    out = {}
-    for label, lr, seed, m in trained(sweep, results, out_dir):
-        out.setdefault(family(label), {}).setdefault(seed, []).append((label, lr, m["curve"]))
-    return out
-
-def frontier(xy):
-    """The Pareto points of [(x, y)] (no other point is at least as good in both and better in one),
-    sorted by x; joined by straight lines they are the upper-right envelope."""
-    xy = sorted(set(xy), key=lambda p: (-p[0], -p[1]))  # right to left; keep a point only if it is higher
-    front, best_y = [], float("-inf")
-    for px, py in xy:
-        if py > best_y:
-            front.append((px, py))
-            best_y = py
-    return front[::-1]
-
-def kept_at(front, acc):
-    """Knowledge on the frontier at task accuracy `acc` (linear between Pareto points); None if the
-    frontier never reaches `acc`."""
-    if not front or acc > front[-1][0]:
-        return None
-    if acc <= front[0][0]:
-        return front[0][1]
-    for (x0, y0), (x1, y1) in zip(front, front[1:]):
-        if x0 <= acc <= x1:
-            return y0 + (y1 - y0) * (acc - x0) / (x1 - x0)
-
-def mean_front(row, grid, target=lambda a: a):
-    """Mean and std over seeds of the knowledge on each seed's envelope (a summary() row) at each
-    task accuracy of `grid`; nan where a seed's envelope never gets there, so no mean is drawn."""
-    vals = torch.tensor([[float("nan") if (k := kept_at(f, target(a))) is None else k for a in grid]
-                         for f in row["fronts"].values()], dtype=torch.float64)
-    std = vals.std(0) if len(vals) > 1 else torch.zeros(len(grid), dtype=torch.float64)  # std over seeds (n - 1)
-    return vals.mean(0).numpy(), std.numpy()
-
-def mean_std(values):
-    t = torch.tensor(values, dtype=torch.float64)
-    return t.mean().item(), (t.std().item() if len(values) > 1 else 0.0)
-
-def xy_of(point, task="add", x="acc"):
-    """A curve point as (x, knowledge): x is task accuracy, or minus the answer loss (x="loss"), so
-    that right is better on both readings."""
-    return (point[f"{task}_acc"] if x == "acc" else -point[f"{task}_loss"]), point["fact_mc"]
-
-def summary(sweep, results, out_dir=None, at=(0.5, 0.8, 0.9), x="acc"):
-    """Per family: each seed's envelope over its configurations x steps, and the knowledge kept at
-    matched task accuracy (x="acc") or answer loss (x="loss", `at` then in nats): mean ± std over
-    the seeds whose envelope reaches it."""
-    rows = {}
-    for fam, by_seed in curves(sweep, results, out_dir).items():
-        fronts = {s: frontier([xy_of(p, x=x) for _, _, c in runs for p in c]) for s, runs in by_seed.items()}
-        target = (lambda a: a) if x == "acc" else (lambda a: -a)
-        matched = {a: [k for f in fronts.values() if (k := kept_at(f, target(a))) is not None] for a in at}
-        rows[fam] = {"fronts": fronts, "n_seeds": len(by_seed), "n_runs": sum(map(len, by_seed.values())),
-                     "n_configs": len({(label, lr) for runs in by_seed.values() for label, lr, _ in runs}),
-                     "best": max(f[-1][0] for f in fronts.values()),
-                     "at": {a: (mean_std(v) if v else None, len(v)) for a, v in matched.items()}}
-    return rows
-
-def transitions(sweep, results, out_dir=None, level=0.5, task="add"):
-    """{label: {lr: {seed: the first evaluated step at which task accuracy >= level (None: never)}}}."""
-    out = {}
-    for label, lr, seed, m in trained(sweep, results, out_dir):
-        out.setdefault(label, {}).setdefault(lr, {})[seed] = next(
-            (p["iter"] for p in m["curve"] if p[f"{task}_acc"] >= level), None)
-    return out
-
-def kept_cell(row, a):
-    """A summary() row's knowledge at `a` as a table cell: mean ± std, and how many seeds reach it
-    when not all do."""
-    ms, n = row["at"][a]
-    if ms is None:
-        return "not reached"
-    return f"{ms[0]:.1%} ± {ms[1]:.1%}" + ("" if n == row["n_seeds"] else f" ({n}/{row['n_seeds']} seeds)")
-
-def table(rows, x="acc"):
-    at = list(next(iter(rows.values()))["at"])
-    name = (lambda a: f"{a:.0%} task acc") if x == "acc" else (lambda a: f"answer loss {a:g}")
-    head = "| method (configs × seeds = runs) | best | " + " | ".join(f"knowledge at {name(a)}" for a in at) + " |"
-    lines = [head, "|---" * (2 + len(at)) + "|"]
-    for fam, r in rows.items():
-        cells = [kept_cell(r, a) for a in at]
-        best = f"{r['best']:.1%}" if x == "acc" else f"{-r['best']:.3f}"
-        lines.append(f"| {fam} ({r['n_configs']} × {r['n_seeds']} = {r['n_runs']}) | {best} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-def continual_summary(sweep, results, out_dir=None):
-    """{(label, lr): {OP, BWT, facts: (mean, std) over seeds, R: the mean accuracy matrix, n_seeds}}
-    of a continual sweep (diverged runs left out)."""
-    runs = {}
-    for label, lr, seed, m in trained(sweep, results, out_dir):
-        runs.setdefault((label, lr), []).append(m)
-    return {k: {"OP": mean_std([m["OP"] for m in ms]), "BWT": mean_std([m["BWT"] for m in ms]),
-                "facts": mean_std([m["fact_mc_after"] for m in ms]), "n_seeds": len(ms),
-                "R": torch.tensor([m["R"] for m in ms], dtype=torch.float64).mean(0).tolist()}
-            for k, ms in runs.items()}
-
-def continual_table(sweep, results, out_dir=None):
-    tasks = sweep_tasks(sweep).split(",")
-    lines = [f"| method | lr | seeds | OP | BWT | facts kept (MC) | last row of R ({', '.join(tasks)}) |",
-             "|---" * 7 + "|"]
-    for (label, lr), r in continual_summary(sweep, results, out_dir).items():
-        ms = lambda v: f"{v[0]:.1%} ± {v[1]:.1%}"
-        lines.append(f"| {label} | {lr:g} | {r['n_seeds']} | {ms(r['OP'])} | {ms(r['BWT'])} | {ms(r['facts'])} | "
-                     + ", ".join(f"{a:.0%}" for a in r["R"][-1]) + " |")
-    return "\n".join(lines)
-
 def sweep_tasks(sweep):
     return next(iter(sweep.methods.values())).get("tasks", "add")
 
@@ -672,12 +472,38 @@ def recovery(m, task="add", level=1.0):
             reached.setdefault(p["stage"], p["iter"])
     return reached.get(len(m["R"]) - 1), reached.get(0)
 
+def own_best_rates(sweep, results, acc=0.9):
+    """{label: the rate at which it keeps the most facts at acc, mean over all the seeds}: how the
+    recovery and width sweeps were given their rates (AXIS_BEST), from the whole axis sweep."""
+    return {label: best_rate(by_lr, seed=None)[1]
+            for label, by_lr in matched(sweep, results, acc).items() if " + " not in label}
+
+
+def continual_lines(sweep, results, out_dir=None):
+    """Markdown of a sweep whose last stage repeats its first task: the four-task sequence's OP
+    and BWT, the facts after it, and the steps back to task 1's first accuracy (notebook 03)."""
+    lines = ["| method | lr | seeds | OP | BWT | facts kept | steps back (again / first time) |",
+             "|---" * 7 + "|"]
+    runs = {}
+    for label, lr, seed, m in trained(sweep, results, out_dir):
+        runs.setdefault((label, lr), []).append(m)
+    for (label, lr), ms in runs.items():
+        four = len(ms[0]["R"]) - 1  # the stages before the repeat
+        R = [torch.tensor(m["R"], dtype=torch.float64)[:four, :four] for m in ms]
+        op = [r[-1].mean().item() for r in R]
+        bwt = [(r[-1, :-1] - r.diagonal()[:-1]).mean().item() for r in R]
+        facts = [next(p["fact_mc"] for p in m["curve"] if p["stage"] == four) for m in ms]
+        steps = " ".join(f"{a}/{b}" for a, b in map(recovery, ms))
+        mean = lambda v: f"{100 * sum(v) / len(v):.1f} %"
+        lines.append(f"| {label} | {lr:g} | {len(ms)} | {mean(op)} | {mean(bwt)} | {mean(facts)} | {steps} |")
+    return "\n".join(lines)
+
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sweep", choices=sorted(SWEEPS), default="frontier", help="which sweep (default: frontier)")
+    p.add_argument("--sweep", choices=sorted(SWEEPS), default="axis", help="which sweep (default: axis)")
     p.add_argument("--preset", choices=["smoke", "quick"], help="smoke: a toy model, one rate, one seed (seconds); "
-                   "quick: your method (--method and its train_tiny flags) against full and MoFO, seed 0 (minutes)")
+                   "quick: your method (--method and its train_tiny flags) beside full and MoFO, seed 0 (minutes)")
     p.add_argument("--workers", type=int, default=2, help="runs in parallel, one thread each (default: 2)")
     p.add_argument("--out_dir", default=None, help="where the pre-trained checkpoints and sweep/ live "
                                                    "(default: out, out/smoke)")
@@ -719,10 +545,8 @@ def main(argv=None):
         done, results = whole_seeds(sweep, runs)
         print(f"{args.sweep}: seeds {list(done.seeds)} of {list(sweep.seeds)} finished, {len(results)} runs; "
               f"{len(runs) - len(results)} runs of unfinished seeds kept for the next session\n")
-        if results and args.sweep in STUDY and "," not in sweep_tasks(sweep):
-            print(study_tables(done, results, args.out_dir))
-        elif results:
-            print(table(summary(done, results, args.out_dir)) if "," not in sweep_tasks(sweep) else continual_table(done, results))
+        if results:
+            print(tables(done, results, args.out_dir))
         if len(done.seeds) >= 2 and args.sweep == "axis" and not args.preset:  # the main command's
             path = ROOT / "results" / "summary.json"  # last lines: a rate chosen on other seeds
             path.write_text(json.dumps({"main_command": main_command_lines(done, results)}, indent=1))
@@ -735,41 +559,38 @@ def main(argv=None):
     print(f"\n{args.sweep} sweep: {len(results)} runs ({computed} computed) in {time.time() - t0:.0f} s; "
           f"{first['config']['max_iters']} steps per task; facts MC before {first['fact_mc_before']:.1%}, "
           f"chance {first['fact_chance']:.1%}; task accuracy before {first['task_acc_before']:.1%}\n")
-    if "," in sweep_tasks(sweep):
-        print(continual_table(sweep, results, args.out_dir))
-    elif args.sweep in STUDY:
-        print(study_tables(sweep, results, args.out_dir))
-    else:
-        print(table(summary(sweep, results, args.out_dir)))
+    print(tables(sweep, results, args.out_dir))
     return 0
 
+def tables(sweep, results, out_dir=None):  # a continual sweep's lines, or the verdicts
+    if "," in sweep_tasks(sweep):
+        return continual_lines(sweep, results, out_dir)
+    return study_tables(sweep, results, out_dir)
+
 def quick_main(sweep, args):
-    restore(sweep, args.out_dir)  # full's and MoFO's runs are in the committed sweeps: not computed again
+    restore(sweep, args.out_dir)  # full's and MoFO's runs are the axis sweep's: not computed again
     t0 = time.time()
     results, computed = run_sweep(sweep, args.out_dir, args.workers)
-    rows = summary(sweep, results, args.out_dir)
     print(f"\nquick sweep: {len(results)} runs ({computed} computed) in {time.time() - t0:.0f} s; one seed, so "
-          "differences of a few points are noise (results/README.md gives the full sweep's seed spread)\n")
-    print(table(rows))
+          "a difference of a few points may be noise (notebook 02 has the 3-seed intervals)\n")
+    print(study_tables(sweep, results, args.out_dir))
     path = Path(args.out_dir or "out", "quick.png")
-    plot_fronts(rows, curves(sweep, results, args.out_dir), path)
+    plot_quick(sweep, results, path)
     print(f"\nfigure {path}")
     return 0
 
-def plot_fronts(rows, runs, path):
-    """Each family's envelope (seed 0) over its runs' curve points, which are drawn faintly beneath."""
+def plot_quick(sweep, results, path):
+    """Task accuracy against facts kept along training, one panel per rate: upper right is best."""
     from matplotlib.figure import Figure  # no pyplot: nothing to show, no backend to pick
-    fig = Figure(figsize=(6, 4.5), dpi=100, layout="constrained")
-    ax = fig.subplots()
-    for fam, r in rows.items():
-        seed = min(r["fronts"])
-        xs, ys = zip(*r["fronts"][seed])
-        line, = ax.plot(xs, ys, lw=2, label=f"{fam} ({r['n_configs']} configurations)")  # linear, as kept_at reads it
-        pts = [xy_of(p) for _, _, c in runs[fam][seed] for p in c]
-        ax.scatter(*zip(*pts), s=8, alpha=0.3, color=line.get_color())
-    ax.set(xlabel="task accuracy", ylabel="facts kept (multiple choice)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02),
-           title="frontiers along training: upper right is better")
-    ax.legend(fontsize=8, loc="lower left")
+    fig = Figure(figsize=(4 * len(sweep.lrs), 3.8), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(sweep.lrs), squeeze=False)[0]
+    for label, lr, seed, m in trained(sweep, results):
+        ax = axes[sweep.lrs.index(lr)]
+        xs, ys = zip(*[(p["add_acc"], p["fact_mc"]) for p in m["curve"]])
+        ax.plot(xs, ys, "o-", ms=3, color=color(label), label=label)  # yours: red
+        ax.set(title=f"lr {lr:g}", xlabel="task accuracy (test)", xlim=(-0.02, 1.02), ylim=(-0.02, 1.02))
+    axes[0].set_ylabel("facts kept (all 600, multiple choice)")
+    axes[-1].legend(fontsize=8, loc="lower left")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, metadata={"Software": None})
 

@@ -62,98 +62,59 @@ for name in ("02_curves", "02_per_rate", "02_distance", "02_mask"):
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "03_continual.ipynb": """
-assert {label for label, _ in SUMMARY} == set(sweep.CONTINUAL)
-for label, lr, seed, m in sweep.trained(SWEEP, RESULTS):  # OP and BWT as defined, from each run's matrix
+assert set(SEQ) == set(sweep.RECOVERY) and SWEEP.seeds and TASKS[0] == TASKS[-1]
+for (label, seed), m in RUNS.items():  # the sequence's OP and BWT as defined, from each run's matrix
     r = np.array(m["R"])
     assert r.shape == (len(TASKS), len(TASKS)), label
-    assert np.isclose(m["OP"], r[-1].mean()), label
-    assert np.isclose(m["BWT"], np.mean([r[-1, j] - r[j, j] for j in range(len(TASKS) - 1)])), label
-for (label, lr), row in SUMMARY.items():  # the table's means are the runs' means
-    ops = [m["OP"] for l, r_, s, m in sweep.trained(SWEEP, RESULTS) if (l, r_) == (label, lr)]
-    assert np.isclose(row["OP"][0], np.mean(ops)) and row["n_seeds"] == len(ops), label
-for (fam, y), front in FRONTS.items():  # every front point is a configuration's mean, none dominated
-    pts = [(r["OP"][0], r[y][0]) for (label, _), r in SUMMARY.items() if sweep.family(label) == fam]
-    assert set(front) <= set(pts) and front, fam
-assert set(R) == set(sweep.CONTINUAL)
-assert {label for label, _ in LOW} == set(sweep.CONTINUAL_LOW) and LOW_SWEEP.seeds
-for label, lr, seed, m in sweep.trained(LOW_SWEEP, LOW_RESULTS):  # the low-rate runs: the same definitions
-    r = np.array(m["R"])
-    assert np.isclose(m["OP"], r[-1].mean()) and m["config"]["max_iters"] == low_first["config"]["max_iters"], label
-assert set(PAIRS) == {sweep.family(label) for label in sweep.CONTINUAL_LOW}  # every family beside its high-rate run
-assert all(hi[0][1] == LR and PAIRS[f][1][1] is LOW[lo[0]] for f, (hi, lo) in PAIRS.items())
-assert len(R_LOW) == len(LOW)
-for name in ("03_op_bwt", "03_accuracy_matrices", "03_low_rates", "03_low_rate_matrices"):
+    i = list(SWEEP.seeds).index(seed)
+    assert np.isclose(OP[label][i], r[FOUR - 1, :FOUR].mean()), label
+    assert np.isclose(BWT[label][i], np.mean([r[FOUR - 1, j] - r[j, j] for j in range(FOUR - 1)])), label
+    assert m["config"]["lr"] == sweep.configs(SWEEP)[0][4].lr or label != "full"
+    back, learn = REC[label][i]  # the recovery counts read the curve of stage 4 and stage 0
+    assert learn is not None and learn <= STEPS  # the first stage ends at its own end accuracy at the latest
+    c = stage_curve(m, len(TASKS) - 1)
+    assert back is None or (c[c[:, 0] == back][0, 1] >= r[0, 0] and all(c[c[:, 0] < back][:, 1] < r[0, 0]))
+for label, r in R.items():  # the drawn matrices are the means of the runs'
+    assert np.allclose(r, np.mean([np.array(RUNS[label, s]["R"])[:, :FOUR] for s in SWEEP.seeds], 0))
+for name in ("03_matrices", "03_recovery", "03_facts"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "04_scale.ipynb": """
-assert len(set(PARAMS.values())) == 3 and list(PARAMS.values()) == sorted(PARAMS.values())  # three sizes, growing
-assert set(FAMILIES) == {sweep.family(label) for label in sweep.SCALE}
-for (fam, a), pts in SCALE.items():  # the plotted means are the summary's, at the model's parameter count
-    for w in SWEEPS:
-        ms = FRONT[w][fam]["at"][a][0]
-        assert (ms is None) == all(p[0] != PARAMS[w] for p in pts), (fam, a, w)
-assert FIT and all((fam, "all") in FIT for fam, _ in FIT)  # a line per method and size, and pooled
-for (fam, w), (slope, icpt, r, n) in FIT.items():
-    assert n > 2 and np.isfinite(slope) and (-1 <= r <= 1 or np.isnan(r)), (fam, w)  # nan: flat (toy) knowledge
-for fam in {f for f, _ in FIT}:  # the pooled fit has every size's points
-    assert sum(FIT[f, w][3] for f, w in FIT if f == fam and w != "all") == FIT[fam, "all"][3], fam
-assert set(T_SWEEPS) == set(SWEEPS) and set(T_FAMILIES) == {sweep.family(label) for label in sweep.TOKENS}
-T_CFGS = {w: [c for *_, c in sweep.configs(sw)] for w, sw in T_SWEEPS.items()}  # every width: the same tokens
-assert len({(c.pretrain_max_iters, c.pretrain_batch_size, c.block_size, c.max_iters) for cs in T_CFGS.values() for c in cs}) == 1
-assert all({c.n_embd for c in T_CFGS[w]} == {sweep.configs(SWEEPS[w])[0][4].n_embd} for w in T_SWEEPS)  # the widths above
-assert any(T_SCALE.values())  # something is drawn (a check of no points could not fail)
-for (fam, a), pts in T_SCALE.items():  # the plotted shares are the summary's means over what that width knew
-    for w in T_SWEEPS:
-        assert (T_FRONT[w][fam]["at"][a][0] is None) == all(p[0] != PARAMS[w] for p in pts), (fam, a, w)
-    for p in pts:
-        w = next(w for w in T_SWEEPS if PARAMS[w] == p[0])
-        assert (p[1], p[2]) == T_FRONT[w][fam]["at"][a][0] and np.isclose(p[3], p[1] / T_BEFORE[w]), (fam, a, w)
-for name in ("04_scale", "04_loss_vs_forgetting", "04_scale_tokens"):
+assert list(PARAMS) == list(sweep.SIZES) and list(PARAMS.values()) == sorted(PARAMS.values())  # growing
+CFGS = {w: [c for *_, c in sweep.configs(s)] for w, s in SWEEPS.items()}  # every width: the same tokens
+assert len({(c.pretrain_max_iters, c.pretrain_batch_size, c.block_size, c.max_iters) for cs in CFGS.values() for c in cs}) == 1
+assert all(len({c.n_embd for c in cs}) == 1 for cs in CFGS.values()) and len({cs[0].n_embd for cs in CFGS.values()}) == 3
+assert {(label, c.lr) for w in SWEEPS for label, _, _, _, c in sweep.configs(SWEEPS[w])} == set(RATE.items())
+for (label, acc), rows in KEPT.items():  # each plotted point: the mean of the runs' chosen points
+    for w, mean, lo, hi, n in rows:
+        s, r = DONE[w]
+        pts = [p for by_seed in sweep.matched(s, r, acc)[label].values() for p in by_seed.values()]
+        assert np.isclose(mean, np.mean([p["fact_mc"] for p in pts])) and n == len(s.seeds) == len(pts), (label, w)
+        assert all(p["add_val_acc"] >= acc for p in pts), (label, w)
+for w, (s, r) in DONE.items():  # the end verdict: MoFO's last points minus full's, paired by seed
+    ends = {(label, seed): m["fact_mc_after"] for label, lr, seed, m in sweep.trained(s, r)}
+    diffs = [ends["mofo alpha=0.1", seed] - ends["full", seed] for seed in s.seeds]
+    assert np.isclose(VERDICT[w][-1][0], np.mean(diffs)) and VERDICT[w][-1][3] == len(s.seeds), w
+for name in ("04_width_curves", "04_width"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "05_mofo_knobs.ipynb": """
-assert set(FRONT_F) == {sweep.family(label) for label in sweep.ABLATION}
-assert set(FRONT_A) == {sweep.family(label) for label in sweep.ALPHAS}
-for rows, name in ((FRONT_F, "ablation"), (FRONT_A, "alpha")):  # each seed's envelope: a Pareto front of its runs
-    curves = sweep.curves(SWEEPS[name], RESULTS[name])
-    for fam, r in rows.items():
-        assert r["n_runs"] == r["n_configs"] * r["n_seeds"] == len(SWEEPS[name].lrs) * len(SWEEPS[name].seeds), fam
-        for seed, front in r["fronts"].items():
-            pts = [sweep.xy_of(p) for _, _, c in curves[fam][seed] for p in c]
-            assert front and set(front) <= set(pts), fam
-            assert not any(x >= fx and y >= fy and (x, y) != (fx, fy) for fx, fy in front for x, y in pts), fam
-assert set(KEPT) == {0.5, 0.8} and all(k.shape == (len(ALPHA_OF), 3) for k in KEPT.values())
-assert sorted(KEPT[0.8][:, 0]) == sorted(ALPHA_OF.values())
-assert EQUAL and all(diff == [] for diff in EQUAL.values())  # α = 1 is full fine-tuning, every field
-assert BY["mofo-α0.5", 0]["curve"] != BY["full", 0]["curve"]  # the comparison tells other runs apart
+assert set(F_PTS) == set(sweep.FILTERS) and set(A_CURVES) == set(A_SWEEP.methods)
+for label, lr, seed, key, cfg in sweep.configs(F_SWEEP):  # every filter at α 0.1, the same rates
+    assert cfg.alpha == 0.1 and cfg.filter == label.removeprefix("mofo-") and F_RESULTS[key]["config"]["lr"] == lr
+assert len({(cfg.lr, cfg.max_iters) for *_, cfg in sweep.configs(F_SWEEP)}) == len(F_SWEEP.lrs)
+for label, by_lr in F_PTS.items():  # the plotted means are the chosen points' means
+    for lr, vals in per_seed(by_lr, "fact_mc").items():
+        assert np.isclose(sweep.interval(vals)[0], np.mean([p["fact_mc"] for p in by_lr[lr].values()]))
+        assert all(p["add_val_acc"] >= AT for p in by_lr[lr].values()), label
+for label, lr, seed, m in sweep.trained(A_SWEEP, A_RESULTS):  # the right panel is the runs' last points
+    assert A_ENDS[label]["fact_mc"][list(A_SWEEP.seeds).index(seed)] == m["fact_mc_after"], label
+    assert m["config"]["lr"] == A_SWEEP.lrs[0] and (label == "full" or m["config"]["alpha"] == ALPHA_OF[label])
+assert all(np.allclose(A_CURVES[label][-1], [np.mean(A_ENDS[label]["add_acc"]), np.mean(A_ENDS[label]["fact_mc"])])
+           for label in A_CURVES)
 for name in ("05_filters", "05_alpha"):
-    assert (FIGURES / f"{name}.png").stat().st_size > 0
-assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
-""",
-    "06_rates.ipynb": """
-assert set(FRONT) == set(sweep.RATES) and SWEEP.seeds and set(RESULTS) <= set(ALL)
-for fam, r in FRONT.items():  # every family tuned over the same rates
-    assert r["n_configs"] == len(SWEEP.lrs) and r["n_runs"] == len(SWEEP.lrs) * len(SWEEP.seeds), fam
-assert set(PER_RATE) == set(SWEEP.lrs) and all(r["n_configs"] == 1 for rows in PER_RATE.values() for r in rows.values())
-for label, lr, seed, key, cfg in sweep.configs(SWEEP):  # the grid as stated: LoRA at 4x, q and v for lora-qv
-    assert cfg.lr == lr * {"lora-r1": 0.5}.get(label, 4 if cfg.method == "lora" else 1) and cfg.max_iters == STEPS, label
-    assert (cfg.lora_targets == "qv") == (label == "lora-qv") and RESULTS[key]["config"]["lr"] == cfg.lr, label
-for fam in FRONT:  # the right-hand panel is the runs' end-point task accuracy
-    runs = [m["task_acc"] for l, lr, s, m in sweep.trained(SWEEP, RESULTS) if sweep.family(l) == fam and lr == LOW]
-    assert np.isclose(FINAL[fam][LOW], np.mean(runs)), fam
-assert set(TRANS) == set(sweep.RATES)
-assert set(BY_BUDGET[LONG_STEPS]) == set(BY_BUDGET[STEPS]) == {sweep.family(k) for k in sweep.SWEEPS["rates_long"].methods}
-short = {(label, seed): cfg for label, lr, seed, key, cfg in sweep.configs(SHORT_SWEEP)}
-for label, lr, seed, key, cfg in sweep.configs(LONG_SWEEP):  # the rates sweep's lowest rate, twice its steps, nothing else
-    assert cfg.max_iters == 2 * STEPS and key not in RESULTS and LONG_RESULTS[key]["config"]["max_iters"] == 2 * STEPS, label
-    assert replace(cfg, max_iters=STEPS, run_name="") == replace(short[label, seed], run_name=""), label
-for n, (sw, res) in BUDGET.items():  # each budget's table row is its own runs' mean end accuracy
-    for fam in BY_BUDGET[n]:
-        runs = [m["task_acc"] for l, _, _, m in sweep.trained(sw, res) if sweep.family(l) == fam]
-        assert len(runs) == len(LONG_SWEEP.seeds) and np.isclose(END[n][fam], np.mean(runs)), (n, fam)
-for name in ("06_frontier", "06_per_rate", "06_low_rate_curves", "06_long_budget"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,

@@ -15,131 +15,79 @@ import train_tiny as tt
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_frontier_keeps_only_points_nothing_beats():
-    xy = [(0.2, 0.9), (0.5, 0.8), (0.4, 0.5), (0.9, 0.3), (0.9, 0.2), (0.6, 0.85)]
-    assert sweep.frontier(xy) == [(0.2, 0.9), (0.6, 0.85), (0.9, 0.3)]
-    assert sweep.frontier([(0.5, 0.5)]) == [(0.5, 0.5)]
-
-
-def test_kept_at_interpolates_on_the_frontier_and_says_when_out_of_reach():
-    front = [(0.2, 0.9), (0.6, 0.85), (0.9, 0.3)]
-    assert sweep.kept_at(front, 0.1) == 0.9  # a point further right already keeps 0.9
-    assert sweep.kept_at(front, 0.6) == 0.85
-    assert sweep.kept_at(front, 0.75) == pytest.approx(0.85 + (0.3 - 0.85) * 0.5)
-    assert sweep.kept_at(front, 0.9) == pytest.approx(0.3)
-    assert sweep.kept_at(front, 0.95) is None
-    assert sweep.kept_at([], 0.5) is None
-
-
 def fake_results(s, metrics):
     """metrics(label, lr, seed) -> dict, for every run of sweep s."""
     return {key: metrics(label, lr, seed) for label, lr, seed, key, _ in sweep.configs(s)}
 
 
-def curve(*points):  # [(task acc, answer loss, knowledge)] -> a run's curve
-    return [{"iter": 10 * i, "add_acc": a, "add_loss": loss, "fact_mc": k} for i, (a, loss, k) in enumerate(points)]
-
-
-def test_summary_takes_each_seeds_envelope_over_configurations_and_steps():
-    s = sweep.Sweep({"a x=1": dict(method="full"), "a x=2": dict(method="full", alpha=0.2), "b": dict(method="mofo")},
-                    lrs=(1e-3, 2e-3), lr_for={}, seeds=(0, 1))
-    runs = {  # (label, lr, seed) -> curve; "a x=2" lr 2e-3 seed 1 diverged
-        ("a x=1", 1e-3, 0): curve((0.0, 2.0, 1.0), (0.6, 0.5, 0.9)),
-        ("a x=1", 2e-3, 0): curve((0.0, 2.0, 1.0), (1.0, 0.1, 0.5)),
-        ("a x=2", 1e-3, 0): curve((0.0, 2.0, 1.0), (0.3, 1.0, 0.95), (0.7, 0.4, 0.2)),
-        ("a x=2", 2e-3, 0): curve((0.0, 2.0, 1.0), (0.5, 0.8, 0.1)),
-        ("a x=1", 1e-3, 1): curve((0.0, 2.0, 1.0), (0.8, 0.3, 0.7)),
-        ("a x=1", 2e-3, 1): curve((0.0, 2.0, 1.0), (1.0, 0.05, 0.3)),
-        ("a x=2", 1e-3, 1): curve((0.0, 2.0, 1.0), (0.2, 1.5, 0.99)),
-    }
-
-    def metrics(label, lr, seed):
-        if label == "b" or (label, lr, seed) not in runs:
-            return {"diverged": "loss is nan"}
-        return {"curve": runs[label, lr, seed]}
-
-    rows = sweep.summary(s, fake_results(s, metrics), at=(0.9,))
-    assert set(rows) == {"a"}  # "b" only diverged: no frontier
-    a = rows["a"]
-    assert (a["n_runs"], a["n_configs"], a["n_seeds"]) == (7, 4, 2)
-    # seed 0's envelope over both configurations and every step: (0,1.0) (0.3,0.95) (0.6,0.9) (1.0,0.5)
-    assert a["fronts"][0] == [(0.0, 1.0), (0.3, 0.95), (0.6, 0.9), (1.0, 0.5)]
-    # at 90 %: seed 0 reads 0.9 + (0.5 - 0.9) * 0.75 = 0.6; seed 1: (0.8,0.7)-(1.0,0.3) gives 0.5
-    (mean, std), n = a["at"][0.9]
-    assert (mean, std, n) == (pytest.approx(0.55), pytest.approx(0.005 ** 0.5), 2)
-    assert "(4 × 2 = 7)" in sweep.table(rows)
-    mean, std = sweep.mean_front(a, [0.6, 0.9, 1.0])  # the drawn mean curve: the same reading per seed, then mean
-    assert mean[:2] == pytest.approx([(0.9 + 0.99 + (0.7 - 0.99) * (0.6 - 0.2) / 0.6) / 2, 0.55])  # seed 1: (0.2,.99)-(0.8,.7)
-    assert std[1] == pytest.approx(0.005 ** 0.5)
-    assert mean[2] == pytest.approx(0.4)  # both seeds reach 100 %: 0.5 and 0.3
-    assert math.isnan(sweep.mean_front(a, [1.01])[0][0])  # no seed gets there: nothing to draw
-    # the answer-loss reading: right is lower loss; at a loss of 0.5, seed 0 keeps 0.9
-    by_loss = sweep.summary(s, fake_results(s, metrics), at=(0.5,), x="loss")
-    assert by_loss["a"]["fronts"][0][-1] == (-0.1, 0.5)
-    # seed 0 keeps 0.9 at loss 0.5; seed 1 interpolates between (loss 1.5, 0.99) and (loss 0.3, 0.7)
-    assert by_loss["a"]["at"][0.5][0][0] == pytest.approx((0.9 + 0.99 - 0.29 / 1.2) / 2)
-    trans = sweep.transitions(s, fake_results(s, metrics))
-    assert trans["a x=1"] == {1e-3: {0: 10, 1: 10}, 2e-3: {0: 10, 1: 10}}
-    assert trans["a x=2"] == {1e-3: {0: 20, 1: None}, 2e-3: {0: 10}}  # seed 1 never got to 50 %; one diverged
-
-
-def test_every_method_gets_the_same_number_of_configurations():
-    s = sweep.SWEEPS["frontier"]
-    runs = sweep.configs(s)
+def test_every_method_gets_the_same_rates_and_the_grids_are_as_stated():
+    runs = sweep.configs(sweep.SWEEPS["axis"])
     assert len({key for *_, key, _ in runs}) == len(runs)  # every run its own key
-    per_family = {}
-    for label, lr, seed, *_ in runs:
-        if seed == 0:
-            per_family.setdefault(sweep.family(label), set()).add((label, lr))
-    counts = {fam: len(c) for fam, c in per_family.items()}
-    assert counts.pop("replay") == 1  # the reference line, not a competitor
-    assert set(counts) == {"full", "mofo", "hft", "l1", "l2", "lora"}
-    assert set(counts.values()) == {len(s.lrs) * 2} == {len(sweep.FULL_LRS)}  # 2 knob values x the rates
+    rates = {}
+    for label, lr, seed, _, cfg in runs:
+        rates.setdefault(label, set()).add(cfg.lr)
+        assert cfg.max_iters == sweep.STEPS and cfg.device == "cpu", label
+    assert rates.pop("replay 25%") == {1e-4, 1e-3}  # the reference, not a competitor
+    assert set(map(frozenset, rates.values())) == {frozenset(sweep.RATES)}  # equal tuning: the same 5 rates
     assert [r[2] for r in runs] == sorted(r[2] for r in runs)  # seed by seed: a cut-short sweep has whole seeds
-    lora = [cfg.lr for label, lr, _, _, cfg in runs if sweep.family(label) == "lora"]
-    assert min(lora) == 4 * min(s.lrs)  # LoRA's grid is the others' times four
-    longer = sweep.configs(replace(s, base={**s.base, "max_iters": 7}))
-    assert not {key for *_, key, _ in runs} & {key for *_, key, _ in longer}  # the key follows the config
+    lora = sweep.configs(sweep.SWEEPS["lora"])
+    assert {c.lr for *_, c in lora} == set(sweep.RATES) and {c.max_iters for *_, c in lora} == {2 * sweep.STEPS}
+    filters = {(c.filter, c.alpha, c.lr) for *_, c in sweep.configs(sweep.SWEEPS["filters"])}
+    assert len(filters) == 4 * 4 and {a for _, a, _ in filters} == {0.1}
+    axis_keys = {key for *_, key, _ in runs}  # the momentum filter's and α's shared runs are the axis's
+    momentum = {key for label, _, _, key, _ in sweep.configs(sweep.SWEEPS["filters"]) if label == "mofo-momentum"}
+    assert momentum <= axis_keys and len(momentum) == 4 * 3
+    longer = sweep.configs(replace(sweep.SWEEPS["axis"], base={**sweep.SWEEPS["axis"].base, "max_iters": 7}))
+    assert not axis_keys & {key for *_, key, _ in longer}  # the key follows the config
 
 
-def test_scale_at_matched_tokens_pretrains_every_width_on_the_same_tokens():
-    runs = {w: sweep.configs(sweep.SWEEPS[f"tokens{w}"]) for w in (64, 128, 192)}
+def test_width_pretrains_every_width_on_the_same_tokens_at_the_axis_best_rates():
+    runs = {w: sweep.configs(sweep.SWEEPS[f"width{w}"]) for w in (64, 128, 192)}
     tokens = {w: {c.pretrain_max_iters * c.pretrain_batch_size * c.block_size for *_, c in r} for w, r in runs.items()}
     assert tokens[64] == tokens[128] == tokens[192] == {1200 * 32 * 128}
     assert [{c.n_embd for *_, c in r} for r in runs.values()] == [{64}, {128}, {192}]
-    for w, r in runs.items():  # each method at its best rate on the rates sweep, with its step budget
+    for w, r in runs.items():  # each method at its best rate on the axis sweep
         assert {(label, c.lr, c.max_iters) for label, _, _, _, c in r} == {
-            ("full", 1e-4, sweep.RATE_STEPS), ("mofo alpha=0.1", 2e-4, sweep.RATE_STEPS)}, w
-    assert {key for *_, key, _ in runs[128]} <= {key for *_, key, _ in sweep.configs(sweep.SWEEPS["rates"])}
+            ("full", sweep.AXIS_BEST["full"], sweep.STEPS),
+            ("mofo alpha=0.1", sweep.AXIS_BEST["mofo-α0.1"], sweep.STEPS)}, w
+    assert {key for *_, key, _ in runs[128]} <= {key for *_, key, _ in sweep.configs(sweep.SWEEPS["axis"])}
 
 
 def test_committed_results_keep_their_keys_and_compile_gets_its_own():
-    for name in ("frontier", "scale64", "scale128", "scale192", "continual", "ablation", "alpha", "rates",
-                 "rates_long", "continual_low", "tokens64", "tokens128", "tokens192"):  # every run in results/, today's keys
-        committed = json.loads((ROOT / "results" / f"{name}.json").read_text())["runs"]
-        assert set(committed) == {key for *_, key, _ in sweep.configs(sweep.SWEEPS[name])}, name
-    s = sweep.SWEEPS["frontier"]
-    assert {cfg.device for *_, cfg in sweep.configs(s)} == {"cpu"}  # on any machine: not under a GPU's autocast
+    for path in sorted((ROOT / "results").glob("*.json")):
+        if path.stem in sweep.SWEEPS:  # every committed run is one the sweep still makes
+            committed = json.loads(path.read_text())["runs"]
+            assert set(committed) <= {key for *_, key, _ in sweep.configs(sweep.SWEEPS[path.stem])}, path.stem
+    s = sweep.SWEEPS["axis"]
     compiled = sweep.configs(replace(s, base={**s.base, "compile": True}))  # torch.compile rounds apart:
     assert not {key for *_, key, _ in compiled} & {key for *_, key, _ in sweep.configs(s)}  # never served eager
 
 
-def test_committed_alpha_one_runs_are_full_fine_tuning_bit_for_bit():
-    """MoFO at α = 1 is AdamW: in results/alpha.json its run equals full fine-tuning's, seed by seed,
-    in every measured number (the curves included), all but the clock and the method's name."""
-    runs = sweep.load("alpha", echo=lambda msg: None)
-    by = {(label, seed): runs[key] for label, lr, seed, key, _ in sweep.configs(sweep.SWEEPS["alpha"])}
-    for seed in sweep.SWEEPS["alpha"].seeds:
-        mofo, full = by["mofo-α1", seed], by["full", seed]
-        measured = [k for k in full if k not in sweep.NOT_COMPARED + ("method",)]
-        assert len(measured) > 20 and "curve" in measured and "fact_mc_after" in measured
-        assert {k: mofo[k] for k in measured} == {k: full[k] for k in measured}, seed
-        assert mofo["method"] == "mofo" and mofo["config"]["alpha"] == 1.0 and full["method"] == "full"
-    assert by["mofo-α0.5", 0]["curve"] != by["full", 0]["curve"]  # the comparison can tell runs apart
+def test_the_rates_of_the_later_sweeps_are_the_axis_sweeps_choice():
+    """AXIS_BEST (recovery's and width's rates) is what own_best_rates reads from the committed
+    axis sweep at 90 % validation accuracy, over all its seeds."""
+    s, runs = sweep.whole_seeds(sweep.SWEEPS["axis"], sweep.load("axis", echo=lambda msg: None))
+    assert len(s.seeds) == 3
+    best = sweep.own_best_rates(s, runs)
+    assert {k: best[k] for k in sweep.AXIS_BEST} == sweep.AXIS_BEST
+
+
+def test_mofo_at_alpha_one_is_full_fine_tuning_bit_for_bit(tmp_path):
+    """MoFO at α = 1 is AdamW: its run equals full fine-tuning's in every measured number (the
+    curves included), all but the clock and the method's name."""
+    s = replace(sweep.smoke(sweep.SWEEPS["alpha_low"]), methods={
+        "mofo-α1": dict(method="mofo", alpha=1.0), "mofo-α0.5": dict(method="mofo", alpha=0.5),
+        "full": dict(method="full")})
+    runs = sweep.run_sweep(s, str(tmp_path), workers=1, echo=lambda msg: None)[0]
+    by = {label: runs[key] for label, lr, seed, key, _ in sweep.configs(s, str(tmp_path))}
+    measured = [k for k in by["full"] if k not in sweep.NOT_COMPARED + ("method",)]
+    assert len(measured) > 20 and "curve" in measured and "fact_mc_after" in measured
+    assert {k: by["mofo-α1"][k] for k in measured} == {k: by["full"][k] for k in measured}
+    assert by["mofo-α0.5"]["curve"] != by["full"]["curve"]  # the comparison can tell runs apart
 
 
 def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
-    s = replace(sweep.smoke(sweep.SWEEPS["frontier"]), methods={k: sweep.FRONTIER[k] for k in ("full", "mofo alpha=0.1")},
+    s = replace(sweep.smoke(sweep.SWEEPS["axis"]), methods={k: sweep.AXIS[k] for k in ("full", "mofo-α0.1")},
                 lrs=(1e-3, 2e-3))
     out = str(tmp_path)
     results, computed = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
@@ -187,8 +135,8 @@ def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
 
 
 def test_revalidate_restamps_only_when_the_reruns_reproduce(tmp_path, monkeypatch):
-    s = replace(sweep.smoke(sweep.SWEEPS["frontier"]), lrs=(2e-3,),
-                methods={k: sweep.FRONTIER[k] for k in ("full", "hft hft_ratio=0.5")})
+    s = replace(sweep.smoke(sweep.SWEEPS["axis"]), lrs=(2e-3,),
+                methods={k: sweep.AXIS[k] for k in ("full", "hft")})
     out = str(tmp_path)
     results, _ = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
     runs = sweep.configs(s, out)
@@ -223,7 +171,7 @@ def test_a_comment_edit_keeps_every_run_and_a_code_edit_recomputes_them(tmp_path
     repo.mkdir()
     for f in ROOT.glob("*.py"):
         shutil.copy(f, repo / f.name)
-    argv = [sys.executable, "sweep.py", "--preset", "smoke", "--sweep", "ablation", "--workers", "2",
+    argv = [sys.executable, "sweep.py", "--preset", "smoke", "--sweep", "filters", "--workers", "2",
             "--out_dir", str(tmp_path / "out")]
 
     def sweep_again():
@@ -256,15 +204,18 @@ def test_export_and_load_say_when_the_code_changed(tmp_path):
         sweep.export("x", {**results, "j": {"fingerprint": {"other": 1}}}, tmp_path / "y.json")
 
 
-def test_cli_smoke_with_two_workers_prints_the_frontier_table(tmp_path, capsys):
+def test_cli_smoke_with_two_workers_prints_the_verdict_tables(tmp_path, capsys):
     assert sweep.main(["--preset", "smoke", "--workers", "2", "--out_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    n = len(sweep.FRONTIER)  # one rate, one seed
-    assert f"({n} computed)" in out
-    for fam in {sweep.family(label) for label in sweep.FRONTIER}:
-        assert f"| {fam} (" in out
+    assert f"({len(sweep.AXIS)} computed)" in out  # the axis sweep: one rate, one seed
+    for label in sweep.AXIS:
+        assert label == "full" or f"| {label} |" in out
+    assert "at 90% validation accuracy" in out and "at the end of the runs" in out
     assert sweep.main(["--preset", "smoke", "--out_dir", str(tmp_path)]) == 0
     assert "(0 computed)" in capsys.readouterr().out
+    assert sweep.main(["--preset", "smoke", "--sweep", "recovery", "--out_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out  # a continual sweep: its sequence and the steps back
+    assert "| task-replay 10% | " in out and "steps back" in out
 
 
 def test_bad_workers_is_one_clear_error(capsys):
@@ -276,22 +227,21 @@ def test_bad_workers_is_one_clear_error(capsys):
 
 def test_quick_preset_puts_your_method_beside_full_and_mofo():
     base = sweep.quick({})
-    assert set(base.methods) == {"full", "mofo alpha=0.1"} and base.seeds == (0,) and base.lrs == sweep.LRS
+    assert set(base.methods) == {"full", "mofo-α0.1"} and base.seeds == (0,) and set(base.lrs) <= set(sweep.RATES)
     assert sweep.quick({"method": "full"}).methods == base.methods  # a baseline is not run twice
     yours = sweep.quick({"filter": "random"})
-    assert yours.methods["yours mofo alpha=0.1 filter=random"] == {"method": "mofo", "filter": "random"}
-    assert len({sweep.family(label) for label in yours.methods}) == 3  # a frontier of its own
-    assert "lora rank=4" in sweep.quick({"method": "lora", "rank": 4}).methods
-    # its runs are the frontier sweep's where they coincide: a cached frontier run is served
-    keys = {r[3] for r in sweep.configs(sweep.SWEEPS["frontier"])}
-    assert {r[3] for r in sweep.configs(base) if r[0] == "mofo alpha=0.1"} <= keys
+    assert yours.methods["yours: mofo alpha=0.1 filter=random"] == {"method": "mofo", "filter": "random"}
+    assert "yours: lora rank=4" in sweep.quick({"method": "lora", "rank": 4}).methods
+    # the baselines' runs are the axis sweep's: served from results/axis.json, not computed again
+    keys = {r[3] for r in sweep.configs(sweep.SWEEPS["axis"])}
+    assert {r[3] for r in sweep.configs(base)} <= keys
 
 
 def test_quick_preset_takes_train_tiny_flags_and_rejects_bad_ones(monkeypatch, tmp_path, capsys):
     got = {}
     monkeypatch.setattr(sweep, "quick_main", lambda s, args: got.setdefault("sweep", s) and 0)
     assert sweep.main(["--preset", "quick", "--method", "hft", "--hft_ratio", "0.25", "--out_dir", str(tmp_path)]) == 0
-    assert got["sweep"].methods["hft hft_ratio=0.25"] == {"method": "hft", "hft_ratio": 0.25}
+    assert got["sweep"].methods["yours: hft hft_ratio=0.25"] == {"method": "hft", "hft_ratio": 0.25}
     for bad in (["--preset", "quick", "--method", "sgd"], ["--preset", "quick", "--no_such_flag", "1"], ["--alpha", "0.1"]):
         with pytest.raises(SystemExit):
             sweep.main(bad)
@@ -302,7 +252,7 @@ def test_quick_preset_prints_the_table_and_draws_the_figure(tmp_path, capsys):
     args = sweep.argparse.Namespace(out_dir=str(tmp_path), workers=1)
     assert sweep.quick_main(s, args) == 0
     text = capsys.readouterr().out
-    assert "| yours (1 × 1 = 1)" in text and "| full (1 × 1 = 1)" in text and "| mofo (1 × 1 = 1)" in text
+    assert "| yours: mofo alpha=0.1 filter=random | " in text and "| mofo-α0.1 | " in text
     assert (tmp_path / "quick.png").stat().st_size > 0
 
 
