@@ -145,3 +145,16 @@ def test_the_committed_notebook_shows_its_figures(name):
     assert drawing
     for c in drawing:
         assert any("image/png" in o.get("data", {}) for o in c.outputs), c.source[:80]
+
+
+@pytest.mark.parametrize("name", sorted(CHECKS))
+def test_the_committed_outputs_are_clean(name):
+    """No error, no warning that the results are older than the code, no missing file and no path
+    of the machine that ran it in what a reader sees without running anything."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    for c in nb.cells:
+        for o in c.get("outputs", []):
+            assert o.get("output_type") != "error", c.source[:80]
+            text = o.get("text", "") + "".join(v for k, v in o.get("data", {}).items() if k.startswith("text/"))
+            for bad in ("WARNING", "Warning", "not present", "No such file", "/tmp/", "/home/", "/root/", "/work/"):
+                assert bad not in text, (bad, c.source[:80])
