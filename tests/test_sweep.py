@@ -373,3 +373,15 @@ def test_the_main_command_lines_give_both_methods_at_their_own_best_rates():
     assert "(lr 0.0001 for full, 0.001 for MoFO α 0.1" in line and "3 seeds" in line
     assert "full fine-tuning keeps 90.1% of the facts and MoFO 92.1%" in line
     assert "a difference of +2.0 points [+2.0, +2.0]" in line
+
+
+def test_the_rates_of_the_later_sweeps_are_the_axis_sweeps_choice():
+    """AXIS_BEST (the recovery and width sweeps' rates) is what own_best_rates reads from the
+    committed axis sweep at 90 % validation accuracy, over all its seeds."""
+    s, runs = sweep.whole_seeds(sweep.SWEEPS["axis"], sweep.load("axis", echo=lambda msg: None))
+    assert len(s.seeds) == 3
+    best = sweep.own_best_rates(s, runs)
+    assert {k: best[k] for k in sweep.AXIS_BEST} == sweep.AXIS_BEST
+    for name in ("recovery", "width64", "width192"):
+        rates = {(label, cfg.lr) for label, _, _, _, cfg in sweep.configs(sweep.SWEEPS[name])}
+        assert ("full", best["full"]) in rates and ("mofo alpha=0.1", best["mofo-α0.1"]) in rates, name
