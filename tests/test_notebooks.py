@@ -57,7 +57,12 @@ for label, by_lr in PTS.items():  # each chosen point reaches 90 % on validation
 assert DIST.ndim == 2 or len(DIST) == 0
 assert DELTA["mofo"].shape == DELTA["full"].shape == tuple(THETA0[MATRIX].shape)
 assert FRACTION["full"] > FRACTION["mofo"] > 0  # MoFO moved fewer entries of the matrix than full fine-tuning
-for name in ("02_curves", "02_per_rate", "02_distance", "02_mask"):
+for lr, by_name in PULLED.items():  # the pulled-back points: each the mean of the seeds' own
+    runs = [m for label, lr_, seed, m in sweep.trained(s, r) if label == "full" and lr_ == lr]
+    assert set(by_name) == {"end", *runs[0]["pullback"]}
+    assert np.allclose(by_name["end"], np.mean([(m["curve"][-1]["add_val_acc"], m["fact_mc_after"]) for m in runs], 0))
+    assert np.allclose(TRAINED[lr][-1], by_name["end"]) and TRAINED[lr].shape == (len(runs[0]["curve"]), 2)
+for name in ("02_curves", "02_per_rate", "02_distance", "02_pullback", "02_mask"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,

@@ -63,15 +63,6 @@ def test_committed_results_keep_their_keys_and_compile_gets_its_own():
     assert not {key for *_, key, _ in compiled} & {key for *_, key, _ in sweep.configs(s)}  # never served eager
 
 
-def test_the_rates_of_the_later_sweeps_are_the_axis_sweeps_choice():
-    """AXIS_BEST (recovery's and width's rates) is what own_best_rates reads from the committed
-    axis sweep at 90 % validation accuracy, over all its seeds."""
-    s, runs = sweep.whole_seeds(sweep.SWEEPS["axis"], sweep.load("axis", echo=lambda msg: None))
-    assert len(s.seeds) == 3
-    best = sweep.own_best_rates(s, runs)
-    assert {k: best[k] for k in sweep.AXIS_BEST} == sweep.AXIS_BEST
-
-
 def test_mofo_at_alpha_one_is_full_fine_tuning_bit_for_bit(tmp_path):
     """MoFO at α = 1 is AdamW: its run equals full fine-tuning's in every measured number (the
     curves included), all but the clock and the method's name."""
@@ -323,3 +314,15 @@ def test_the_main_command_lines_give_both_methods_at_their_own_best_rates():
     assert "(lr 0.0001 for full, 0.001 for MoFO α 0.1" in line and "3 seeds" in line
     assert "full fine-tuning keeps 90.1% of the facts and MoFO 92.1%" in line
     assert "a difference of +2.0 points [+2.0, +2.0]" in line
+
+
+def test_the_rates_of_the_later_sweeps_are_the_axis_sweeps_choice():
+    """AXIS_BEST (the recovery and width sweeps' rates) is what own_best_rates reads from the
+    committed axis sweep at 90 % validation accuracy, over all its seeds."""
+    s, runs = sweep.whole_seeds(sweep.SWEEPS["axis"], sweep.load("axis", echo=lambda msg: None))
+    assert len(s.seeds) == 3
+    best = sweep.own_best_rates(s, runs)
+    assert {k: best[k] for k in sweep.AXIS_BEST} == sweep.AXIS_BEST
+    for name in ("recovery", "width64", "width192"):
+        rates = {(label, cfg.lr) for label, _, _, _, cfg in sweep.configs(sweep.SWEEPS[name])}
+        assert ("full", best["full"]) in rates and ("mofo alpha=0.1", best["mofo-α0.1"]) in rates, name
