@@ -400,8 +400,9 @@ def over_axis(pts, a, b, key="fact_mc"):
     return interval(diffs)
 
 
-def cell(iv, scale=100):
-    """'+3.1 [-0.4, +6.6]' (points) from an interval(); 'level' is left to the reader: 0 inside."""
+def cell(iv, scale=100, seeds=None):
+    """'+3.1 [-0.4, +6.6]' (points) from an interval(); 'level' is left to the reader: 0 inside.
+    Where fewer than `seeds` seeds reached the reading, it says how many did."""
     mean, lo, hi, n = iv
     if n == -1:
         return "needs 2 seeds"
@@ -409,21 +410,23 @@ def cell(iv, scale=100):
         return "not reached"
     if n < 2:
         return f"{scale * mean:+.1f} (1 seed)"
-    return f"{scale * mean:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+    some = f" ({n} of {seeds} seeds)" if seeds and n < seeds else ""
+    return f"{scale * mean:+.1f} [{scale * lo:+.1f}, {scale * hi:+.1f}]{some}"
 
 
 def verdict_table(pts, base="full", key="fact_mc"):
     """Markdown: each label against `base`, per rate and over the rate axis (points of facts kept,
     mean difference over seeds and its 95 % interval)."""
     lrs = sorted({lr for by_lr in pts.values() for lr in by_lr})
+    seeds = max(len(by_seed) for by_lr in pts.values() for by_seed in by_lr.values())
     head = "| method − " + base + " | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | own best rates |"
     lines = [head, "|---" * (len(lrs) + 2) + "|"]
     for label in pts:
         if label == base:
             continue
-        cells = [cell(at_rate(pts, label, base, lr, key)) if lr in pts[label] and lr in pts[base]
+        cells = [cell(at_rate(pts, label, base, lr, key), seeds=seeds) if lr in pts[label] and lr in pts[base]
                  else "" for lr in lrs]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cell(over_axis(pts, label, base, key))} |")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cell(over_axis(pts, label, base, key), seeds=seeds)} |")
     return "\n".join(lines)
 
 

@@ -256,6 +256,8 @@ def test_interval_is_the_paired_t_interval_and_needs_two_seeds():
     assert sweep.interval([0.05])[3] == 1 and math.isnan(sweep.interval([0.05])[1])
     assert sweep.interval([])[3] == 0
     assert sweep.facts_sd(0.9) == pytest.approx(0.01225, abs=1e-5)  # every fact: sd <= 1.5 points at 90 %
+    assert sweep.cell((0.1, 0.0, 0.2, 2), seeds=3) == "+10.0 [+0.0, +20.0] (2 of 3 seeds)"  # says who is missing
+    assert sweep.cell((0.1, 0.0, 0.2, 3), seeds=3) == "+10.0 [+0.0, +20.0]"
 
 
 def point(it, val, test, facts, dist):
