@@ -637,9 +637,29 @@ def ends(sweep, results, out_dir=None):
     return out
 
 
+def kept_table(pts):
+    """Markdown: the facts kept (%) at each label's chosen points, per rate: mean [95 % interval]."""
+    lrs = sorted({lr for by_lr in pts.values() for lr in by_lr})
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
+    for label, by_lr in pts.items():
+        cells = []
+        for lr in lrs:
+            by_seed = by_lr.get(lr, {})
+            mean, lo, hi, n = interval([p["fact_mc"] for p in by_seed.values() if p is not None])
+            cells.append("not reached" if n == 0 else f"{100 * mean:.1f} (1 seed)" if n == 1 else
+                         f"{100 * mean:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+                         + (f" ({n} of {len(by_seed)} seeds)" if n < len(by_seed) else ""))
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def study_tables(sweep, results, out_dir=None, base="full"):
     """The verdicts of a single-task sweep as markdown: at each matched validation accuracy, and
-    at the end of the runs; each method against `base` (full fine-tuning), in points of facts."""
+    at the end of the runs; each method against `base` (full fine-tuning), in points of facts. A
+    sweep without `base` (LoRA's) gets what it keeps; notebook 02 sets it beside full's runs."""
+    if base not in sweep.methods:
+        return "\n\n".join(f"facts kept at {acc:.0%} validation accuracy (mean over seeds [95 % interval]):\n"
+                           + kept_table(matched(sweep, results, acc, out_dir=out_dir)) for acc in MATCHED)
     parts = []
     for acc in MATCHED:
         parts.append(f"facts kept, method − {base}, at {acc:.0%} validation accuracy "
