@@ -62,6 +62,7 @@ for lr, by_name in PULLED.items():  # the pulled-back points: each the mean of t
     assert set(by_name) == {"end", *runs[0]["pullback"]}
     assert np.allclose(by_name["end"], np.mean([(m["curve"][-1]["add_val_acc"], m["fact_mc_after"]) for m in runs], 0))
     assert np.allclose(TRAINED[lr][-1], by_name["end"]) and TRAINED[lr].shape == (len(runs[0]["curve"]), 2)
+assert set(HANDLES) == set(CURVES) | {"pre-trained", "chance"}  # every method's line is in the legend
 for name in ("02_curves", "02_per_rate", "02_distance", "02_pullback", "02_mask"):
     assert (FIGURES / f"{name}.png").stat().st_size > 0
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
