@@ -87,10 +87,10 @@ for name in ("03_matrices", "03_recovery", "03_facts"):
 assert not str(FIGURES).startswith(str(ROOT))  # quick mode leaves the repository alone
 """,
     "04_scale.ipynb": """
-assert list(PARAMS) == list(sweep.SIZES) and list(PARAMS.values()) == sorted(PARAMS.values())  # growing
+assert list(PARAMS) == WIDTHS and list(PARAMS.values()) == sorted(PARAMS.values())  # growing
 CFGS = {w: [c for *_, c in sweep.configs(s)] for w, s in SWEEPS.items()}  # every width: the same tokens
 assert len({(c.pretrain_max_iters, c.pretrain_batch_size, c.block_size, c.max_iters) for cs in CFGS.values() for c in cs}) == 1
-assert all(len({c.n_embd for c in cs}) == 1 for cs in CFGS.values()) and len({cs[0].n_embd for cs in CFGS.values()}) == 3
+assert all(len({c.n_embd for c in cs}) == 1 for cs in CFGS.values()) and len({cs[0].n_embd for cs in CFGS.values()}) == len(WIDTHS)
 assert {(label, c.lr) for w in SWEEPS for label, _, _, _, c in sweep.configs(SWEEPS[w])} == set(RATE.items())
 for (label, acc), rows in KEPT.items():  # each plotted point: the mean of the runs' chosen points
     for w, mean, lo, hi, n in rows:

@@ -33,7 +33,7 @@ def test_every_method_gets_the_same_rates_and_the_grids_are_as_stated():
     lora = sweep.configs(sweep.SWEEPS["lora"])
     assert {c.lr for *_, c in lora} == set(sweep.RATES) and {c.max_iters for *_, c in lora} == {2 * sweep.STEPS}
     filters = {(c.filter, c.alpha, c.lr) for *_, c in sweep.configs(sweep.SWEEPS["filters"])}
-    assert len(filters) == 4 * 4 and {a for _, a, _ in filters} == {0.1}
+    assert len(filters) == 3 * 4 and {a for _, a, _ in filters} == {0.1}
     axis_keys = {key for *_, key, _ in runs}  # the momentum filter's and α's shared runs are the axis's
     momentum = {key for label, _, _, key, _ in sweep.configs(sweep.SWEEPS["filters"]) if label == "mofo-momentum"}
     assert momentum <= axis_keys and len(momentum) == 4 * 3
@@ -206,7 +206,7 @@ def test_cli_smoke_with_two_workers_prints_the_verdict_tables(tmp_path, capsys):
     assert "(0 computed)" in capsys.readouterr().out
     assert sweep.main(["--preset", "smoke", "--sweep", "recovery", "--out_dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out  # a continual sweep: its sequence and the steps back
-    assert "| task-replay 10% | " in out and "steps back" in out
+    assert "| mofo alpha=0.1 | " in out and "steps back" in out
 
 
 def test_bad_workers_is_one_clear_error(capsys):
