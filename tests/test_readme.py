@@ -74,11 +74,24 @@ def lora_cells():
     return cells
 
 
+def width_cells():
+    """MoFO − full fine-tuning per width, each at its own rate (notebook 04's one column)."""
+    cells = set()
+    for name in ("axis", "width64"):
+        s, runs = whole(name)
+        for pts in [sweep.matched(s, runs, a) for a in sweep.MATCHED] + [sweep.ends(s, runs)]:
+            mofo = "mofo-α0.1" if name == "axis" else "mofo alpha=0.1"
+            own = {"full": {0: pts["full"][sweep.AXIS_BEST["full"]]},
+                   "mofo": {0: pts[mofo][sweep.AXIS_BEST["mofo-α0.1"]]}}
+            cells.add(sweep.cell(sweep.at_rate(own, "mofo", "full", 0)))
+    return cells
+
+
 def test_every_interval_on_the_page_is_one_the_study_computes():
     """No difference [interval] is typed in by hand: each is one the committed results give."""
     found = re.findall(r"[+-]\d+\.\d \[[+-]\d+\.\d, [+-]\d+\.\d\]", README)
     assert len(found) > 20
-    known = every_cell("axis") | lora_cells()
+    known = every_cell("axis") | lora_cells() | every_cell("filters") | every_cell("alpha_low") | width_cells()
     assert [f for f in found if f not in known] == []
 
 
