@@ -577,7 +577,8 @@ def at_rate(pts, a, b, lr, key="fact_mc"):
 def best_rate(by_lr, seed, key="fact_mc"):
     """(point, lr): the seed's point at the rate the *other* seeds choose, the rate whose mean
     `key` over them is highest among the rates every one of them reaches; (None, None) if none.
-    Leaving the scored seed out keeps the choice of rate from fitting that seed's noise."""
+    Leaving the scored seed out keeps the choice of rate from fitting that seed's noise;
+    seed=None leaves none out (own_best_rates: a rate for later sweeps, chosen on all seeds)."""
     means = {}
     for lr, by_seed in by_lr.items():
         others = [p for s, p in by_seed.items() if s != seed]
