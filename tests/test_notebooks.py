@@ -111,6 +111,9 @@ assert set(F_PTS) == set(sweep.FILTERS) and set(A_CURVES) == set(A_SWEEP.methods
 for label, lr, seed, key, cfg in sweep.configs(F_SWEEP):  # every filter at α 0.1, the same rates
     assert cfg.alpha == 0.1 and cfg.filter == label.removeprefix("mofo-") and F_RESULTS[key]["config"]["lr"] == lr
 assert len({(cfg.lr, cfg.max_iters) for *_, cfg in sweep.configs(F_SWEEP)}) == len(F_SWEEP.lrs)
+for label, lr, seed, m in sweep.trained(F_SWEEP, F_RESULTS):  # the left panel: each run's end accuracy
+    assert F_END[label][lr][list(F_SWEEP.seeds).index(seed)] == m["task_acc"], label
+assert sum(map(len, F_PATH.values())) == sum(len(m["curve"]) - 1 for *_, m in sweep.trained(F_SWEEP, F_RESULTS))
 for label, by_lr in F_PTS.items():  # the plotted means are the chosen points' means
     for lr, vals in per_seed(by_lr, "fact_mc").items():
         assert np.isclose(sweep.interval(vals)[0], np.mean([p["fact_mc"] for p in by_lr[lr].values()]))
