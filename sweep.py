@@ -88,7 +88,7 @@ AXIS_BEST = {"full": 2e-4, "mofo-α0.1": 5e-4}  # the recovery and width sweeps'
 # learning it from the pre-trained model (stage 0 of the same run): skill or format?
 TASKS5 = "add,reverse,sort,count,add"
 RECOVERY = {"full": dict(method="full", tasks=TASKS5),
-            "mofo alpha=0.1": dict(method="mofo", alpha=0.1, tasks=TASKS5)}  # task replay: budget cut
+            "mofo alpha=0.1": dict(method="mofo", alpha=0.1, tasks=TASKS5)}  # replay: budget cut
 SWEEPS["recovery"] = Sweep(RECOVERY, lrs=(AXIS_BEST["full"],),  # replay at full's rate
                            lr_for={"mofo alpha=0.1": (AXIS_BEST["mofo-α0.1"],)},
                            base=dict(QUIET, max_iters=STEPS, curve_points=10, eval_problems=200))
@@ -426,9 +426,10 @@ def verdict_table(pts, base="full", key="fact_mc"):
     for label in pts:
         if label == base:
             continue
-        cells = [cell(at_rate(pts, label, base, lr, key), seeds=seeds) if lr in pts[label] and lr in pts[base]
-                 else "" for lr in lrs]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {cell(over_axis(pts, label, base, key), seeds=seeds)} |")
+        cells = [cell(at_rate(pts, label, base, lr, key), seeds=seeds)
+                 if lr in pts[label] and lr in pts[base] else "" for lr in lrs]
+        best = cell(over_axis(pts, label, base, key), seeds=seeds)
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {best} |")
     return "\n".join(lines)
 
 
@@ -441,9 +442,11 @@ def ends(sweep, results, out_dir=None):
 
 
 def kept_table(pts):
-    """Markdown: the facts kept (%) at each label's chosen points, per rate: mean [95 % interval]."""
+    """Markdown: the facts kept (%) at each label's chosen points, per rate: mean [95 % interval]
+    (unsigned percentages, where `cell` gives signed differences in points)."""
     lrs = sorted({lr for by_lr in pts.values() for lr in by_lr})
-    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---" * (len(lrs) + 1) + "|"]
+    lines = ["| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |",
+             "|---" * (len(lrs) + 1) + "|"]
     for label, by_lr in pts.items():
         cells = []
         for lr in lrs:
@@ -461,8 +464,10 @@ def study_tables(sweep, results, out_dir=None, base="full"):
     at the end of the runs; each method against `base` (full fine-tuning), in points of facts. A
     sweep without `base` (LoRA's) gets what it keeps; notebook 02 sets it beside full's runs."""
     if base not in sweep.methods:
-        return "\n\n".join(f"facts kept at {acc:.0%} validation accuracy (mean over seeds [95 % interval]):\n"
-                           + kept_table(matched(sweep, results, acc, out_dir=out_dir)) for acc in MATCHED)
+        return "\n\n".join(f"facts kept at {acc:.0%} validation accuracy "
+                           "(mean over seeds [95 % interval]):\n"
+                           + kept_table(matched(sweep, results, acc, out_dir=out_dir))
+                           for acc in MATCHED)
     parts = []
     for acc in MATCHED:
         parts.append(f"facts kept, method − {base}, at {acc:.0%} validation accuracy "
