@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mofo import MoFO
+import mofo
+import mofo_fast
 
 
 def get_device(name):
@@ -150,11 +151,12 @@ def optimizer_contenders(device, alpha):
         contenders["AdamW (fused=True)"] = partial(adamw, fused=True)
     else:
         print(f"  AdamW (fused=True) skipped: torch {torch.__version__} does not run it on {device.type}: {problem}")
-    contenders["MoFO reference (topk)"] = partial(MoFO, lr=1e-4, alpha=alpha, fast=False)
-    contenders[f"MoFO (alpha={alpha})"] = partial(MoFO, lr=1e-4, alpha=alpha)
+    contenders["MoFO reference (topk)"] = partial(mofo.MoFO, lr=1e-4, alpha=alpha)
+    contenders[f"MoFO (alpha={alpha})"] = partial(mofo_fast.MoFO, lr=1e-4, alpha=alpha)
     problem = compiled_problem(device)
     if problem is None:
-        contenders["MoFO (compiled=True)"] = partial(MoFO, lr=1e-4, alpha=alpha, compiled=True)
+        contenders["MoFO (compiled=True)"] = partial(mofo_fast.MoFO, lr=1e-4, alpha=alpha,
+                                                     compiled=True)
     else:
         print(f"  MoFO (compiled=True) skipped: {problem}")
     return contenders
@@ -404,8 +406,9 @@ def bench_loop(args):
                         setattr(owner, name, nn.LayerNorm(cfg.n_embd, bias=False).to(device))
         params, _ = tt.METHODS[method].params(model, cfg, 0)  # stage (task) 0
         optimizer = tt.METHODS[method].optimizer(params, cfg)
-        if compile and method == "mofo" and compiled_problem(device) is None:
-            optimizer.compiled = True  # and MoFO's selection in C
+        if compile and method == "mofo" and compiled_problem(device) is None:  # its step in C
+            optimizer = mofo_fast.MoFO(params, **{k: optimizer.defaults[k] for k in mofo.MOFO_KEYS},
+                                       compiled=True)
         rng = random.Random(0)
         fwd = tt.wrap(model, cfg.compile, world=1)  # torch.compile'd where asked, as train_tiny does
         params = [p for p in model.parameters() if p.requires_grad]

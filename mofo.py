@@ -16,22 +16,25 @@ forgets less. Tensors with fewer than 2 dimensions (biases, norms) and groups wi
 the dense AdamW step; with alpha=1.0 everywhere MoFO *is* torch.optim.AdamW(foreach=False), bit
 for bit: the arithmetic follows torch's single-tensor AdamW operation by operation. As AdamW
 does, a complex tensor is stepped as its real view (torch.view_as_real): its real and imaginary
-parts are two entries, each with its own moments, and two entries of the mask and of numel.
+parts are two entries, each with its own moments, and two entries of the mask and of numel (so a
+complex vector, whose real view is a matrix, is filtered).
 
-mofo_update_ is the algorithm for one tensor, select_reference (a torch.topk) its step 4. The
-optional mofo_fast.py beside this file finds the very same mask far faster (so bitwise the same
-parameters), steps FSDP2's sharded DTensors, and runs steps 4-5 in C with compiled=True.
+mofo_update_ is the algorithm for one tensor, select_reference (a torch.topk) its step 4; this
+file needs nothing but torch. mofo_fast.MoFO, beside it, is the opt-in fast path: the very same
+mask found without a full selection (so bitwise the same parameters, by test), FSDP2's sharded
+DTensors, and steps 4-5 in C with compiled=True.
 """
 import math
 
 import torch
 
-try:  # FSDP2's parameters are DTensors: mofo_fast.py steps them shard by shard
+try:  # FSDP2's parameters are DTensors: mofo_fast.MoFO steps them shard by shard
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without torch.distributed: isinstance(p, ()) is always False
     DTensor = ()
 
 FILTERS = ("momentum", "gradient", "random", "update")
+MOFO_KEYS = ("lr", "betas", "eps", "weight_decay", "alpha", "filter", "maximize")  # per group
 
 
 def mofo_update_(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, alpha,
@@ -44,7 +47,6 @@ def mofo_update_(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weig
     (None, count). numel: the whole tensor's size where p is a shard of it; denom: a buffer for
     step 3's denominator."""
     n = p.numel() if numel is None else numel
-    dense = p.dim() < 2 or alpha == 1.0 or n == 0  # vectors, alpha=1, no entries: AdamW's step
     lr = lr.squeeze() if torch.is_tensor(lr) else lr  # a 1-element tensor lr, as AdamW takes it
     g = (-grad if maximize else grad).to(exp_avg.dtype)  # fp32 moments even for bf16 params
     # 1. Decoupled weight decay, every entry, selected or not (AdamW; the authors' code).
@@ -53,6 +55,7 @@ def mofo_update_(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weig
     if torch.is_complex(p):  # then, as AdamW, the real view: a complex entry is two real ones
         p, g, exp_avg, exp_avg_sq = map(torch.view_as_real, (p, g, exp_avg, exp_avg_sq))
         n *= 2
+    dense = p.dim() < 2 or alpha == 1.0 or n == 0  # vectors, alpha=1, no entries: AdamW's step
     # 2. Moments of every entry, selected or not.
     exp_avg.lerp_(g, 1 - beta1)
     exp_avg_sq.mul_(beta2).addcmul_(g, g, value=1 - beta2)
@@ -118,17 +121,6 @@ def _check_group(group):
             raise ValueError(f"{name} must be in {allowed}, got {group[name]!r}")
 
 
-def fast_path():
-    """The module mofo_fast beside this file, or None where it is absent (mofo.py alone)."""
-    try:
-        import mofo_fast
-    except ModuleNotFoundError as e:  # absent: None; present but failing to import: the error
-        if e.name != "mofo_fast":
-            raise
-        return None
-    return mofo_fast
-
-
 class MoFO(torch.optim.Optimizer):
     """AdamW that moves, in each tensor, only the alpha fraction of entries with the largest |m|.
 
@@ -136,18 +128,15 @@ class MoFO(torch.optim.Optimizer):
     |g|, "update" |m|/denom or "random" (k entries drawn from a generator seeded by `seed`, saved
     in state_dict). weight_decay is decoupled, as in AdamW and the authors' code: every entry of
     every tensor with a gradient, selected or not. Moments are fp32 (or p's dtype if wider).
-    fast=False runs select_reference; else mofo_fast.py, where present, finds the same mask fast;
-    compiled=True runs steps 4-5 of float32 CPU tensors in C (needs a C compiler); neither changes
-    a bit of the result. last_update_fraction: the share of entries the last step updated."""
+    last_update_fraction: the share of entries the last step updated."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 alpha=0.1, filter="momentum", maximize=False, seed=0, fast=True, compiled=False):
+                 alpha=0.1, filter="momentum", maximize=False, seed=0):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, alpha=alpha,
                         filter=filter, maximize=maximize)
+        _check_group(defaults)  # before torch looks at params: a bad value is a ValueError, as AdamW
         super().__init__(params, defaults)  # validates every group through add_param_group
-        if compiled and fast and fast_path() is None:
-            raise ValueError("compiled=True needs mofo_fast.py and mofo_kernel.py beside mofo.py")
-        self.seed, self.fast, self.compiled = seed, fast, compiled
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.last_update_fraction = 0.0
 
@@ -161,8 +150,6 @@ class MoFO(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        fast = fast_path() if self.fast else None
-        update_ = mofo_update_ if fast is None else fast.Workspace(self.compiled).update_
         moved, total = 0, 0
         for group in self.param_groups:
             beta1, beta2 = group["betas"]
@@ -174,17 +161,20 @@ class MoFO(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise ValueError("MoFO does not support sparse gradients (param.grad)")
-                if isinstance(p, DTensor) and fast is None:
-                    raise ValueError("DTensors (FSDP2) take mofo_fast.py's path, not fast=False")
                 state = self.state[p]
                 if len(state) == 0:  # lazy init, named like torch.optim.AdamW's state
                     zeros = torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
                     state.update(step=torch.tensor(0.0), exp_avg=zeros, exp_avg_sq=zeros.clone())
                 state["step"] += 1
-                moved += update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                 state["step"].item(), *hyper)
+                moved += self.update_(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                      state["step"].item(), *hyper)
         self.last_update_fraction = float(moved) / max(total, 1)  # one host sync per step
         return loss
+
+    def update_(self, p, *args):  # one tensor's step; mofo_fast.MoFO swaps in the fast one
+        if isinstance(p, DTensor):
+            raise ValueError("DTensors (FSDP2): use mofo_fast.MoFO, which steps each rank's rows")
+        return mofo_update_(p, *args)
 
     def state_dict(self):  # the "random" filter's generator is optimizer state too
         return {**super().state_dict(), "generator": self.generator.get_state()}
@@ -204,15 +194,15 @@ class MoFO(torch.optim.Optimizer):
 
     def __setstate__(self, state):  # unpickling, deepcopy and load_state_dict come through here
         super().__setstate__(state)
-        for group in self.param_groups:  # a group saved without a hyper-parameter (AdamW's)
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+        for group in self.param_groups:  # a group saved without one of MoFO's own keys (AdamW's);
+            for key in MOFO_KEYS:  # torch's own keys (differentiable, ...) stay as saved
+                group.setdefault(key, self.defaults[key])
             _check_group(group)
             for p in group["params"]:  # an older checkpoint's step, a number: a tensor, as torch
                 s = self.state.get(p, {})
                 if "step" in s and not torch.is_tensor(s["step"]):
                     s["step"] = torch.tensor(float(s["step"]))
 
-    def __getstate__(self):  # pickling and deepcopy keep the generator, the path, the fraction
-        keep = ("seed", "fast", "compiled", "generator", "last_update_fraction")
+    def __getstate__(self):  # pickling and deepcopy keep the generator and the fraction
+        keep = ("seed", "generator", "last_update_fraction")
         return {**super().__getstate__(), **{key: getattr(self, key) for key in keep}}

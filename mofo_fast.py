@@ -1,22 +1,26 @@
 """
 MoFO's fast path: the mask of mofo.select_reference, the very same, without a full selection.
 
-mofo.py is the algorithm; MoFO.step hands each tensor to Workspace.update_ below when this file
-sits beside it, which runs mofo.mofo_update_ with:
+mofo.py is the algorithm and the optimizer a reader edits; this file is the opt-in fast path,
+chosen by name: `mofo_fast.MoFO(params, ..., compiled=False)` is mofo.MoFO whose step hands each
+tensor to Workspace.update_ below, which runs mofo.mofo_update_ with:
 
   select_             step 4: tau, the exact k-th largest |m|, from a strided sample that
                       brackets it (`bracket`), one pass that counts the entries above the bracket
                       and gathers those inside it (`band`), and an exact selection among those
                       few; then the mask in one pass. On a CPU a torch.topk of a whole tensor
                       costs several AdamW steps, and these few passes a fraction of that.
-  reused buffers      one allocation per step for the denominator, m * mask and the band's flags,
-                      instead of three per tensor whose pages a CPU would fault in again each time.
+  reused buffers      one buffer, kept from step to step, for the denominator, m * mask and the
+                      band's flags, instead of three per tensor whose pages a CPU would fault in
+                      again each time.
   DTensors (FSDP2)    each rank steps its own rows with the mask of the whole tensor
                       (global_threshold): bitwise the parameters of one process.
   compiled=True       steps 4-5 of contiguous float32 CPU tensors in C (mofo_kernel.py).
 
 A bracket that misses tau costs time (a full selection), never exactness: tau is always an exact
-k-th value, so the parameters are bitwise those of MoFO(fast=False).
+k-th value, so the parameters are bitwise those of mofo.MoFO (tests/test_mofo.py). An edit of
+mofo.py's step 4 (select_reference, topk_mask_reference) is not seen here: this file finds the
+same mask its own way; mofo.filter_score and mofo.random_mask it calls as they are.
 """
 import math
 
@@ -39,6 +43,28 @@ SAMPLE_SIZE = 16384
 # sampled entries above tau falls outside mean +- spread: for a sample that does not line up with
 # the data's order, a normal two-sided tail at 4 sd, 2 * (1 - Phi(4)) ~ 6e-5 per tensor and step.
 SAMPLE_Z = 4.0
+
+
+class MoFO(mofo.MoFO):
+    """mofo.MoFO, bit for bit, with the mask found fast; it also steps FSDP2's DTensors.
+    compiled=True runs steps 4-5 of contiguous float32 CPU tensors in C (needs a C compiler)."""
+
+    def __init__(self, params, *args, compiled=False, **kwargs):
+        super().__init__(params, *args, **kwargs)
+        self.compiled = compiled
+        self.workspace = Workspace(compiled)  # its buffers live from step to step
+
+    def update_(self, p, *args):
+        return self.workspace.update_(p, *args)
+
+    def __setstate__(self, state):  # an unpickled or copied optimizer gets its own buffers
+        super().__setstate__(state)
+        self.workspace = Workspace(self.compiled)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop("workspace", None)
+        return {**state, "compiled": self.compiled}
 
 
 class Workspace:

@@ -100,6 +100,13 @@ for w in SIZES:
     SWEEPS[f"width{w}"] = Sweep(WIDTH, lrs=(AXIS_BEST["full"],),
                                 lr_for={"mofo alpha=0.1": (AXIS_BEST["mofo-α0.1"],)},
                                 base=dict(QUIET, max_iters=STEPS, **SIZES[w]))
+# The longer budget's pilot (fixed before its runs): full at 1e-4 and MoFO α 0.1 at 2e-4, the low
+# rates the 2000-step budget stopped, scored every 250 steps; the study's budget is the one at
+# which both pass 90 % validation accuracy by about two thirds of the run (same cosine shape).
+PILOT_STEPS = 6000
+SWEEPS["pilot"] = Sweep({"full": dict(method="full"), "mofo-α0.1": dict(method="mofo", alpha=0.1)},
+                        lr_for={"full": (1e-4,), "mofo-α0.1": (2e-4,)}, seeds=(0,),
+                        base=dict(QUIET, max_iters=PILOT_STEPS, curve_points=PILOT_STEPS // 250))
 STUDY = ("axis", "lora", "filters", "alpha_low", "recovery", "width64")  # run order; width192
 # cut for the study's budget: its pre-training and runs cost more than the other two widths together
 

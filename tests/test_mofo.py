@@ -18,6 +18,11 @@ from mofo import MoFO, topk_mask_reference
 from mofo_fast import filter_fast_, topk_threshold
 
 
+def make(fast):
+    """The optimizer under test: the opt-in fast path (mofo_fast.MoFO) or the readable mofo.MoFO."""
+    return mofo_fast.MoFO if fast else MoFO
+
+
 def reference_mask(x, k):
     """The obvious exact mask: |x| >= the k-th largest |x| from a full, sorted torch.topk
     (written here independently of mofo.topk_mask_reference, which these tests also check)."""
@@ -70,8 +75,8 @@ def set_grads(params, step):
 @pytest.mark.parametrize("maximize", [False, True])
 def test_alpha_one_is_adamw_bitwise(weight_decay, maximize, fast):
     model_a, model_b = small_model(), small_model()
-    opt_a = MoFO(model_a.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6,
-                 weight_decay=weight_decay, alpha=1.0, maximize=maximize, fast=fast)
+    opt_a = make(fast)(model_a.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6,
+                 weight_decay=weight_decay, alpha=1.0, maximize=maximize)
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=1e-6,
                               weight_decay=weight_decay, maximize=maximize, foreach=False)
     train(model_a, opt_a, 50)
@@ -202,12 +207,12 @@ def wide_model(seed=0):
 
 
 def train_both_paths(filter, steps, device="cpu"):
-    """The same model trained with fast=True and with fast=False; returns the two models."""
+    """The same model trained with mofo_fast.MoFO and with mofo.MoFO; returns the two models."""
     models = []
     for fast in (True, False):
         model = wide_model().to(device)
-        opt = MoFO(model.parameters(), lr=1e-2, alpha=0.1, filter=filter, weight_decay=0.01, seed=3,
-                   fast=fast)
+        opt = make(fast)(model.parameters(), lr=1e-2, alpha=0.1, filter=filter, weight_decay=0.01,
+                         seed=3)
         fractions = []
         for step in range(steps):
             gen = torch.Generator().manual_seed(step)
@@ -253,7 +258,7 @@ def test_exactly_floor_alpha_n_entries_move(filter, fast):
                 torch.zeros(3, 3, requires_grad=True)]  # floor(0.1 * 9) = 0 -> max(1, k) = 1
     vector = torch.zeros(50, requires_grad=True)
     params = matrices + [vector]
-    opt = MoFO(params, lr=1e-3, alpha=0.1, filter=filter, fast=fast)
+    opt = make(fast)(params, lr=1e-3, alpha=0.1, filter=filter)
     total = sum(p.numel() for p in params)
     for step in range(4):
         before = [p.detach().clone() for p in params]
@@ -541,7 +546,7 @@ def set_complex_grads(params, step):
 def test_complex_alpha_one_is_adamw_bitwise(fast):
     # torch's AdamW steps a complex tensor as torch.view_as_real: so must MoFO, bit for bit
     a, b = complex_params(), complex_params()
-    opt_a = MoFO(a, lr=1e-2, weight_decay=0.1, alpha=1.0, fast=fast)
+    opt_a = make(fast)(a, lr=1e-2, weight_decay=0.1, alpha=1.0)
     opt_b = torch.optim.AdamW(b, lr=1e-2, weight_decay=0.1, foreach=False)
     for step in range(10):
         set_complex_grads(a, step)
@@ -558,23 +563,26 @@ def test_complex_alpha_one_is_adamw_bitwise(fast):
 @pytest.mark.parametrize("filter", mofo.FILTERS)
 def test_complex_matrix_is_mofo_on_its_real_view(filter, fast):
     # A filtered complex (30, 40) matrix is its real (30, 40, 2) view filtered: 2400 entries,
-    # k = 240 of them move; the complex vector stays dense, as every vector does.
+    # k = 240 of them move; the complex vector of 7 is its (7, 2) real view, a matrix: k = 1.
     params = complex_params()[:2]
-    real = [torch.nn.Parameter(torch.view_as_real(params[0].detach()).clone())]
-    opt = MoFO(params, lr=1e-2, alpha=0.1, filter=filter, fast=fast)
-    ref = MoFO(real, lr=1e-2, alpha=0.1, filter=filter, fast=False)
+    real = [torch.nn.Parameter(torch.view_as_real(p.detach()).clone()) for p in params]
+    opt = make(fast)(params, lr=1e-2, alpha=0.1, filter=filter)
+    ref = make(False)(real, lr=1e-2, alpha=0.1, filter=filter)
     for step in range(4):
         before = [p.detach().clone() for p in params]
         set_complex_grads(params, step)
-        real[0].grad = torch.view_as_real(params[0].grad).clone()
+        for r, p in zip(real, params):
+            r.grad = torch.view_as_real(p.grad).clone()
         opt.step()
         ref.step()
-        assert torch.equal(torch.view_as_real(params[0]), real[0])
-        moved = int((torch.view_as_real(params[0]) != torch.view_as_real(before[0])).sum())
-        assert moved == 240 or (filter == "update" and moved > 240)  # "update" ties at t = 1
-        assert bool((params[1] != before[1]).all())  # the vector: dense
-        if moved == 240:  # of 2 * (1200 + 7) entries: a complex one counts twice
-            assert opt.last_update_fraction == (240 + 2 * 7) / 2414
+        for p, r in zip(params, real):
+            assert torch.equal(torch.view_as_real(p), r)
+        moved = [int((torch.view_as_real(p) != torch.view_as_real(b)).sum())
+                 for p, b in zip(params, before)]
+        assert moved[0] == 240 or (filter == "update" and moved[0] > 240)  # "update" ties at t = 1
+        assert moved[1] == 1 or (filter == "update" and moved[1] > 1)  # the vector: filtered
+        if moved == [240, 1]:  # of 2 * (1200 + 7) entries: a complex one counts twice
+            assert opt.last_update_fraction == (240 + 1) / 2414
 
 
 @pytest.mark.parametrize("shape", [(), (1,), (1, 1)])
@@ -594,8 +602,8 @@ def test_tensor_lr_filtered_fast_equals_reference(filter):
     models = []
     for fast in (True, False):
         model = wide_model()
-        opt = MoFO(model.parameters(), lr=torch.tensor([[1e-2]]), alpha=0.1, filter=filter,
-                   weight_decay=0.01, fast=fast)
+        opt = make(fast)(model.parameters(), lr=torch.tensor([[1e-2]]), alpha=0.1, filter=filter,
+                         weight_decay=0.01)
         for step in range(3):
             gen = torch.Generator().manual_seed(step)
             x, y = torch.randn(16, 250, generator=gen), torch.randn(16, 2, generator=gen)
@@ -646,7 +654,7 @@ def test_zero_size_matrices_are_a_no_op_as_in_adamw(filter, fast):
     # not ask for one entry of none.
     empty = [torch.nn.Parameter(torch.zeros(0, 5)), torch.nn.Parameter(torch.zeros(4, 0, 3))]
     p = torch.nn.Parameter(torch.randn(40, 50))
-    opt = MoFO(empty + [p], lr=1e-2, alpha=0.1, filter=filter, fast=fast)
+    opt = make(fast)(empty + [p], lr=1e-2, alpha=0.1, filter=filter)
     for step in range(2):
         set_grads(empty + [p], step)
         opt.step()
@@ -704,12 +712,6 @@ def test_the_torch_optim_contract():
 
 ALONE = """
 import torch, mofo
-assert mofo.fast_path() is None  # nothing beside it: the reference path
-try:
-    mofo.MoFO([torch.zeros(2, 2, requires_grad=True)], compiled=True)
-    raise AssertionError("compiled=True without mofo_fast.py must say so")
-except ValueError as e:
-    assert "mofo_fast" in str(e)
 torch.manual_seed(0)
 params = [torch.nn.Parameter(torch.randn(300, 250)), torch.nn.Parameter(torch.randn(50))]
 opt = mofo.MoFO(params, lr=1e-2, alpha=0.1, weight_decay=0.01)
@@ -723,8 +725,8 @@ torch.save([p.detach() for p in params], "params.pt")
 
 
 def test_mofo_py_alone_imports_and_steps_like_the_fast_path(tmp_path):
-    # mofo.py is self-contained: copied alone into an empty folder it imports and steps (on the
-    # reference path), and ends bitwise where MoFO with mofo_fast.py beside it ends.
+    # mofo.py is self-contained: copied alone into an empty folder it imports and steps, and ends
+    # bitwise where the opt-in fast path (mofo_fast.MoFO) ends.
     shutil.copy(Path(mofo.__file__), tmp_path / "mofo.py")
     run = subprocess.run([sys.executable, "-E", "-c", ALONE], cwd=tmp_path, capture_output=True,
                          text=True, timeout=300)
@@ -732,14 +734,76 @@ def test_mofo_py_alone_imports_and_steps_like_the_fast_path(tmp_path):
     alone = torch.load(tmp_path / "params.pt")
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(300, 250)), torch.nn.Parameter(torch.randn(50))]
-    assert mofo.fast_path() is mofo_fast
-    opt = MoFO(params, lr=1e-2, alpha=0.1, weight_decay=0.01)
+    opt = mofo_fast.MoFO(params, lr=1e-2, alpha=0.1, weight_decay=0.01)
     for step in range(3):
         gen = torch.Generator().manual_seed(step)
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
         opt.step()
     assert all(torch.equal(p, q) for p, q in zip(params, alone))
+
+
+def test_no_project_module_imports_another_both_ways():
+    # mofo.py needs nothing of the project; the fast path imports it, never the other way round
+    import ast
+    root = Path(mofo.__file__).parent
+    project = {f.stem for f in root.glob("*.py")}
+    imports = {}
+    for f in root.glob("*.py"):
+        found = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            found |= {n.split(".")[0] for n in names} & project
+        imports[f.stem] = found - {f.stem}
+    assert imports["mofo"] == set()
+    assert not [(a, b) for a in imports for b in imports[a] if a in imports.get(b, ())]
+
+
+# --- torch.optim's conventions, as PyTorch's own optimizer tests check them ------------------
+
+
+@pytest.mark.parametrize("optimizer", [mofo.MoFO, mofo_fast.MoFO])
+def test_a_state_dict_is_the_same_after_a_save_and_a_load(optimizer):
+    model = wide_model()
+    opt = optimizer(model.parameters(), lr=1e-2, alpha=0.1)
+    model(torch.randn(4, 250)).sum().backward()
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    again = optimizer(model.parameters(), lr=5e-3, alpha=0.2)
+    again.load_state_dict(saved)
+    assert again.state_dict()["param_groups"] == saved["param_groups"]
+    assert set(again.param_groups[0]) == set(opt.param_groups[0])
+
+
+def test_bad_hyper_parameters_are_a_value_error_before_params_are_looked_at():
+    # AdamW checks its hyper-parameters before it takes the params: MoFO(None, ...) with a bad
+    # value is a ValueError that names it, not the TypeError of a None params
+    for bad in (dict(lr=torch.tensor([1e-3, 1e-3])), dict(lr=-1.0), dict(alpha=0.0),
+                dict(filter="nope"), dict(betas=(1.0, 0.9)), dict(eps=-1.0)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            MoFO(None, **bad)
+    with pytest.raises(ValueError, match="lr"):
+        torch.optim.AdamW(None, lr=torch.tensor([1e-3, 1e-3]))  # what AdamW does
+
+
+@pytest.mark.parametrize("filter", ["momentum", "gradient", "random"])
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_complex_vector_is_mofo_on_its_real_view(filter, fast):
+    # AdamW's convention: a complex parameter is optimized as its real view; a complex vector's
+    # real view is an (n, 2) matrix, so MoFO filters it
+    torch.manual_seed(0)
+    z = torch.nn.Parameter(torch.randn(400, dtype=torch.complex64))
+    r = torch.nn.Parameter(torch.view_as_real(z.detach()).clone())
+    opt = make(fast)([z], lr=1e-2, alpha=0.1, filter=filter)
+    ref = make(fast)([r], lr=1e-2, alpha=0.1, filter=filter)
+    for step in range(3):
+        g = torch.randn(400, dtype=torch.complex64, generator=torch.Generator().manual_seed(step))
+        z.grad, r.grad = g, torch.view_as_real(g).clone()
+        opt.step()
+        ref.step()
+        assert torch.equal(torch.view_as_real(z.detach()), r.detach())
+    assert opt.last_update_fraction == ref.last_update_fraction < 0.5
 
 
 # --- CUDA (skipped on machines without a GPU) -------------------------------------------------

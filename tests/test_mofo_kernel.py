@@ -1,4 +1,4 @@
-"""MoFO(compiled=True): mofo_kernel.py's C selection and step against torch, bit for bit."""
+"""mofo_fast.MoFO(compiled=True): mofo_kernel.py's C selection and step against torch, bit for bit."""
 import math
 
 import pytest
@@ -6,7 +6,7 @@ import torch
 
 import mofo_fast
 import mofo_kernel
-from mofo import MoFO
+from mofo_fast import MoFO
 
 
 @pytest.fixture(autouse=True)

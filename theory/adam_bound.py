@@ -323,16 +323,18 @@ def compare_with_mofo(loss, blocks, alpha, beta1, beta2, eta, steps, seed=0, fas
     """Run mofo.MoFO (each block a (1, n_b) tensor, lr_t = η/√t through LambdaLR) and the analysed
     algorithm side by side from the same θ0, each on its own trajectory. Returns the largest
     |θ_MoFO − θ_analysed| over all steps and the number of (step, coordinate) pairs where one of
-    them moved and the other did not."""
+    them moved and the other did not. fast: mofo_fast.MoFO (the opt-in fast path), else mofo.MoFO."""
     import torch
 
-    from mofo import MoFO
+    import mofo
+    import mofo_fast
 
     theta0 = initial_point(loss.d, seed)
     edges = np.cumsum([0, *blocks])
     params = [torch.tensor(theta0[a:b]).view(1, -1).requires_grad_(True)
               for a, b in zip(edges[:-1], edges[1:])]
-    opt = MoFO(params, lr=eta, betas=(beta1, beta2), eps=1e-8, alpha=alpha, fast=fast)
+    optimizer = mofo_fast.MoFO if fast else mofo.MoFO
+    opt = optimizer(params, lr=eta, betas=(beta1, beta2), eps=1e-8, alpha=alpha)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / math.sqrt(s + 1))  # step s+1
     theta, m, v = theta0[None].copy(), np.zeros((1, loss.d)), np.zeros((1, loss.d))
     worst, mismatched = 0.0, 0
