@@ -37,7 +37,6 @@ with MoFO(compiled=True) besides.
 import argparse
 import gc
 import math
-import os
 import platform
 import resource
 import statistics
@@ -48,16 +47,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import loop
 import mofo
 import mofo_fast
 
 
-def get_device(name):
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+def get_device(name):  # train_tiny's choice (loop.pick_device), as a torch.device
+    return torch.device(loop.pick_device(name))
 
 
 def sync(device):
@@ -99,17 +95,12 @@ def meminfo(key):
 
 
 def machine_description(device):
-    """One line naming the machine, for the README's speed table."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    ram = meminfo("MemTotal")
-    line = (f"machine: {cpu}, {os.cpu_count()} logical CPUs"
+    """One line naming the machine for the README's speed table: what a run records (loop.machine),
+    with the RAM and the GPU."""
+    m, ram = loop.machine(), meminfo("MemTotal")
+    line = (f"machine: {m['cpu']} ({m['capability']}), {m['cores']} logical CPUs"
             + (f", {ram / 2**30:.0f} GiB RAM" if ram else "")
-            + f", {platform.system()}, torch {torch.__version__}, {torch.get_num_threads()} threads")
+            + f", {platform.system()}, torch {m['torch']}, {m['threads']} threads")
     if device.type == "cuda":
         line += f", GPU {torch.cuda.get_device_name(device)}"
     return line
@@ -321,7 +312,7 @@ def bench_hft(args):
     trained_mm = sum(w.numel() for w in weights if w.requires_grad)
     mm_ratio = (2 * all_mm + trained_mm) / (3 * all_mm)  # (forward + input grad + weight grad) FLOPs
 
-    r = hft.report(models["hft"], trainable)
+    r = hft.summary(models["hft"], trainable)
     n_params = sum(p.numel() for p in models["full"].parameters())
     print(f"hft: one training step (forward + backward + AdamW step), {n_params / 1e6:.1f} M parameters "
           f"(n_layer={config.n_layer}, n_embd={config.n_embd}, vocab_size={config.vocab_size}), "
@@ -410,18 +401,18 @@ def bench_loop(args):
             optimizer = mofo_fast.MoFO(params, **{k: optimizer.defaults[k] for k in mofo.MOFO_KEYS},
                                        compiled=True)
         rng = random.Random(0)
-        fwd = tt.wrap(model, cfg.compile, world=1)  # torch.compile'd where asked, as train_tiny does
+        fwd = loop.wrap(model, cfg.compile, world=1)  # torch.compile'd where asked, as train_tiny does
         params = [p for p in model.parameters() if p.requires_grad]
 
-        def loop():  # train_tiny's loop body, max_iters iterations (the schedule restarts each call)
+        def run_iters():  # train_tiny's loop body, max_iters iterations (the schedule restarts each call)
             for it in range(cfg.max_iters):
                 for group in optimizer.param_groups:
-                    group["lr"] = tt.get_lr(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
+                    group["lr"] = loop.get_lr(it, cfg.lr, cfg.warmup_iters, cfg.max_iters)
                 x, y = data.text_windows(corpus.train, cfg.block_size, cfg.batch_size, rng)
                 with ctx:
                     loss = fwd(x.to(device), y.to(device))[1]
-                tt.step(optimizer, loss, params, cfg.grad_clip, "bench")
-        return loop
+                loop.train_step(optimizer, loss, params, cfg.grad_clip, "bench")
+        return run_iters
 
     yardstick = "GPT-2 (nanoGPT's architecture)"
     loops = {yardstick: make_loop("full", "gpt2"), "full (AdamW)": make_loop("full"),

@@ -1,63 +1,31 @@
-"""HFT: Half Fine-Tuning (Hui, Zhang, Wang, Xu, Sun, Wu; arXiv 2404.18466, 2024).
+"""HFT: Half Fine-Tuning (Hui, Zhang, Wang, Xu, Sun, Wu: "HFT: Half Fine-Tuning for Large Language
+Models", arXiv 2404.18466, 2024).
 
-HFT fine-tunes a randomly chosen half of every transformer block and keeps the other half at its
-pre-trained value for the whole stage. With a fixed 0/1 mask M over the parameters it solves
+Fine-tune half of the model and keep the other half at its pre-trained value. With a 0/1 mask M
+over the parameters HFT solves min_Δ L(θ0 + M ⊙ Δ): a fine-tuning loss with a penalty
+‖(I − M)(θ − θ0)‖² = 0 that pins the frozen half to the pre-trained weights.
 
-    min_Δ  L(θ0 + M ⊙ Δ),   i.e.   min_θ L(θ)  subject to  ‖(I − M)(θ − θ0)‖² = 0,
-
-a fine-tuning loss with a penalty that pins the frozen half to the pre-trained weights.
-
-The selection rule ("category level"), drawn once per stage, in every transformer block:
+The rule ("category level"), drawn anew for each stage (each task, in continual learning) and
+fixed within it, in every transformer block:
   self-attention   2 of the 4 projections (q, k, v, o) are trained;
   feed-forward     2 of the 3 gated-MLP matrices (gate, up, down) in a random half of the blocks,
-                   1 of 3 in the other half; a two-matrix MLP (GPT-2's c_fc, c_proj) trains 1 of 2;
-  cross-attention  (decoder blocks of encoder-decoder models) 2 of its 4 projections, drawn apart
-                   from self-attention, as attention and MLP are: a module with its own job;
+                   1 of 3 in the other half;
   norms            1 of the block's 2 norms;
-  outside blocks   token and position embeddings, final norm, LM head: always trained.
-For a ratio r other than 1/2: a category with n modules in a block trains floor(r·n) of them, and
-one more in a random set of blocks, sized so that the average over the blocks is r·n (to the
-nearest whole block). r = 1/2 gives the rule above, r = 1 freezes nothing; a decoder block with 3
-norms (before self-attention, cross-attention and MLP) trains 2 in half the blocks, 1 in the rest.
+  outside blocks   embeddings, final norm, LM head: always trained.
+For Llama that is exactly half of the block parameters. Other ratios and the paper's ablations
+(strategy 'model': modules from anywhere; 'layer': whole blocks) are options of select.
 
-Layouts (RULES below): block N's modules, self-attention | MLP | norms (| cross-attention):
-  Llama, Mistral, Qwen  self_attn.{q,k,v,o}_proj | mlp.{gate,up,down}_proj
-                        | input_layernorm, post_attention_layernorm
-  GPT-2                 attn.{c_attn,c_proj} | mlp.{c_fc,c_proj} | ln_1, ln_2
-  OPT                   self_attn.{q,k,v,out}_proj | fc1, fc2 | self_attn_layer_norm,
-                        final_layer_norm (the block's; model.decoder.final_layer_norm is outside)
-  BART, Whisper         as OPT, encoder and decoder blocks; a decoder block adds
-                        encoder_attn_layer_norm | encoder_attn.{q,k,v,out}_proj
-  T5                    layer.0.SelfAttention.{q,k,v,o} | layer.K.DenseReluDense.{wi,wo}, or
-                        {wi_0,wi_1,wo} in T5 v1.1 | layer.K.layer_norm, encoder and decoder blocks;
-                        a decoder block adds a norm | layer.1.EncDecAttention.{q,k,v,o}.
-                        SelfAttention.relative_attention_bias (first block only) is T5's position
-                        embedding, kept in that block: it counts as outside, always trained.
-
-The unit of selection is a module, not a tensor: a bias goes with its weight (Qwen's q/k/v
-biases, GPT-2's c_attn.bias, OPT/BART/Whisper's projections and fc1, fc2), a LayerNorm's weight
-and bias are one norm. A fused QKV matrix is one attention module, so GPT-2's attention has two
-modules, c_attn (C×3C) and c_proj (C×C), and trains one of the two: 3/4 or 1/4 of the block's
-attention weights, 1/2 on average over blocks.
-
-Strategies, for the paper's ablation on what to freeze:
-  category   the rule above (default, the paper's HFT);
-  model      random modules from anywhere in the blocks until about r of the block parameters;
-  layer      whole blocks, round(r·N) of the N blocks.
+  trainable = select(model, seed, stage)  sorted names to train: a pure function of the parameter
+                                          names, seed and stage (the same on every rank and every
+                                          run), to be saved with the checkpoint
+  params = apply(model, trainable)        sets requires_grad of every parameter; returns the
+                                          trainable ones, for the optimizer
+  summary(model, trainable)               counts and fractions trained, by category
 
 Freezing is requires_grad_(False) and an optimizer over the trainable parameters only, never a
 zeroed gradient: a zero gradient still moves a parameter under AdamW's weight decay and momentum.
 A frozen matrix also gets no weight gradient and no optimizer state, which is where HFT saves
-time and memory. The selection is a sorted list of names, a pure function of (parameter names,
-seed, stage): the same on every rank and every run, and it goes into a checkpoint as it is.
-
-Names: a tied tensor (one tensor under several names, as an LM head tied to the token embedding)
-is one parameter, under its first name, as named_parameters() lists it; select returns that name,
-and apply and report take any of its names (it trains if one of them is in trainable). A name
-outside the blocks is trained whatever it is called; one inside a block that fits no category
-raises. apply sets requires_grad of every parameter, whatever it was: a parameter frozen before
-(by an earlier stage, or by you) trains again if it is selected; to keep one frozen, leave its
-name out of trainable.
+time and memory. Hugging Face layouts other than Llama's (GPT-2, OPT, T5, BART, ...): see RULES.
 """
 
 import math
@@ -70,8 +38,22 @@ from torch import nn
 
 STRATEGIES = ("category", "model", "layer")
 CATEGORIES = ("attn", "mlp", "norm")  # in every block ("attn": self-attention); outside is "other"
-CROSS = ("cross_attn",)  # only in the decoder blocks of encoder-decoder models (T5, BART, Whisper)
+# Cross-attention, only in the decoder blocks of encoder-decoder models (T5, BART, Whisper): a
+# category of its own, 2 of its 4 projections trained, drawn apart from self-attention as attention
+# and MLP are, since it is a module with its own job.
+CROSS = ("cross_attn",)
 
+# Layouts: block N's modules, self-attention | MLP | norms (| cross-attention):
+#   Llama, Mistral, Qwen  self_attn.{q,k,v,o}_proj | mlp.{gate,up,down}_proj
+#                         | input_layernorm, post_attention_layernorm
+#   GPT-2                 attn.{c_attn,c_proj} | mlp.{c_fc,c_proj} | ln_1, ln_2
+#   OPT                   self_attn.{q,k,v,out}_proj | fc1, fc2 | self_attn_layer_norm,
+#                         final_layer_norm (the block's; model.decoder.final_layer_norm is outside)
+#   BART, Whisper         as OPT, in encoder and decoder blocks; a decoder block adds
+#                         encoder_attn_layer_norm | encoder_attn.{q,k,v,out}_proj
+#   T5                    layer.0.SelfAttention.{q,k,v,o} | layer.K.DenseReluDense.{wi,wo} ({wi_0,
+#                         wi_1,wo} in v1.1) | layer.K.layer_norm; a decoder block adds a norm
+#                         | layer.1.EncDecAttention.{q,k,v,o}
 # Category of a module from its path inside a block: the first rule whose pattern matches the whole
 # of one component of the path (0: the first, -1: the leaf) wins, so the order matters.
 RULES = (
@@ -123,6 +105,10 @@ def find_blocks(shapes: Mapping[str, object]) -> tuple[Blocks, list[str]]:
         if i is None:
             outside.append(name)
             continue
+        # The unit of selection is the module, not the tensor: a bias goes with its weight (Qwen's
+        # q/k/v biases, GPT-2's, OPT/BART/Whisper's), a LayerNorm's weight and bias are one norm. A
+        # fused QKV is one attention module: GPT-2 trains c_attn (C×3C) or c_proj (C×C), 3/4 or
+        # 1/4 of a block's attention weights, 1/2 on average over the blocks.
         module = ".".join(parts[i + 1:-1])  # path inside the block, without the tensor's own name
         category = category_of(module) if module else None
         if category is None:
@@ -184,6 +170,10 @@ def _round(x: float) -> int:
 
 
 def _by_category(blocks, ratio: float, rng: random.Random) -> list[str]:
+    # A category with n modules in a block trains floor(r·n) of them, and one more in a random set
+    # of blocks sized so that the average over the blocks is r·n (to the nearest whole block).
+    # r = 1/2 gives the rule above, a two-matrix MLP (GPT-2) trains 1 of 2, and a decoder block's
+    # 3 norms (BART, T5) train 2 or 1.
     chosen = []
     for category in CATEGORIES + CROSS:  # cross last: without it, a model draws as it did before
         per_block = [sorted(block.get(category, {})) for block in blocks]
@@ -198,6 +188,7 @@ def _by_category(blocks, ratio: float, rng: random.Random) -> list[str]:
 
 
 def _by_model(blocks, shapes, ratio: float, rng: random.Random) -> list[str]:
+    # ablation: random modules from anywhere in the blocks, until about r of the block parameters
     members = {m: names for block in blocks for modules in block.values()
                for m, names in modules.items()}
     size = {m: sum(math.prod(shapes[n]) for n in names) for m, names in members.items()}
@@ -212,6 +203,7 @@ def _by_model(blocks, shapes, ratio: float, rng: random.Random) -> list[str]:
 
 
 def _by_layer(blocks, ratio: float, rng: random.Random) -> list[str]:
+    # ablation: whole blocks, round(r·N) of the N
     picked = rng.sample(range(len(blocks)), _round(ratio * len(blocks)))
     return [m for i in picked for modules in blocks[i].values() for m in modules]
 
@@ -264,7 +256,9 @@ def _check_names(names, trainable) -> set[str]:
 
 def apply(model: nn.Module, trainable: Iterable[str]) -> list[torch.nn.Parameter]:
     """Freeze every parameter not in `trainable` and unfreeze the rest (so a new stage starts from
-    a fully unfrozen model); return the trainable parameters in model order, for the optimizer."""
+    a fully unfrozen model); return the trainable parameters in model order, for the optimizer.
+    A parameter frozen before (by an earlier stage, or by you) trains again if it is in trainable:
+    to keep one frozen, leave its name out. A tied tensor trains if any of its names is in it."""
     named = list(model.named_parameters())  # a tied tensor once, under its first name
     trainable = _check_names(_names(model), trainable)
     params = []
@@ -277,7 +271,7 @@ def apply(model: nn.Module, trainable: Iterable[str]) -> list[torch.nn.Parameter
     return params
 
 
-def report(model_or_shapes, trainable: Iterable[str]) -> dict:
+def summary(model_or_shapes, trainable: Iterable[str]) -> dict:
     """What is trained: parameter counts and fractions overall, over the blocks and by category
     (attn, mlp, norm inside the blocks, and cross_attn where the model has it; other = outside
     them), tensor counts, frozen names."""
@@ -288,7 +282,7 @@ def report(model_or_shapes, trainable: Iterable[str]) -> dict:
     for block in blocks:
         for cat, modules in block.items():
             category.update({name: cat for names in modules.values() for name in names})
-    # cross_attn only where a block has it, so a decoder-only model's report reads as it always did
+    # cross_attn only where a block has it, so a decoder-only model's summary reads as it always did
     in_blocks = [*CATEGORIES, *(c for c in CROSS if any(c in block for block in blocks))]
     counts = {cat: {"trainable": 0, "total": 0} for cat in (*in_blocks, "other")}
     for name, shape in shapes.items():

@@ -5,6 +5,9 @@ RMSNorm -> gated MLP (gate, up, down) -> residual; no biases, an untied LM head.
 follow Hugging Face's Llama (model.layers.0.self_attn.q_proj.weight, ...), so that hft.py's rules
 and a reader's intuition carry over from real checkpoints unchanged. Shapes are noted as
 (B, T, C): batch, time (characters), channels; nh heads of hs = C / nh channels each.
+
+This is the file that runs, with fused paths for speed; model_reference.py is the plain reading
+copy (same names and state_dict), tested equal in float64 by tests/test_model.py.
 """
 import math
 from dataclasses import dataclass

@@ -43,11 +43,12 @@ import hft
 import pullback
 from data import (TASKS, build_corpus, estimate_loss, fact_scores, make_rows, shard, task_scores,
                   test_problems, text_windows, train_problems)
+import mofo
+import mofo_fast
+from loop import (autocast, get_lr, load_state, log, machine, pick_device, read_checkpoint,
+                  save_state, setup_distributed, shard_model, train_step, whole, wrap)
 from model import TinyLlama
-from mofo import MoFO
-from pretrain import (autocast, get_lr, load_or_pretrain, log, machine, model_config, pick_device,
-                      read_checkpoint, restore, save_state, setup_distributed, shard_model, step,
-                      whole, wrap)
+from pretrain import load_or_pretrain, model_config
 from report import label, plot, report
 
 @dataclass
@@ -145,12 +146,13 @@ def lora_params(model, cfg, stage):  # adapters on the block matrices that lora_
                 parametrize.register_parametrization(linear, "weight", adapter)
     return [p for n, p in model.named_parameters() if "lora_" in n], None
 
-def adamw(params, cfg):
+def make_adamw(params, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=FINETUNE_BETAS, weight_decay=cfg.weight_decay)
 
-def mofo(params, cfg):
-    return MoFO(params, lr=cfg.lr, betas=FINETUNE_BETAS, weight_decay=cfg.weight_decay,
-                alpha=cfg.alpha, filter=cfg.filter, seed=cfg.seed)
+def make_mofo(params, cfg):  # mofo.py's, the code a reader edits; FSDP2's DTensors need the fast one
+    optimizer = mofo_fast.MoFO if cfg.fsdp else mofo.MoFO
+    return optimizer(params, lr=cfg.lr, betas=FINETUNE_BETAS, weight_decay=cfg.weight_decay,
+                     alpha=cfg.alpha, filter=cfg.filter, seed=cfg.seed)
 
 def l1_norm(delta):
     return delta.abs().sum()
@@ -166,13 +168,13 @@ class Method:
     reg: float = 0.0  # the penalty's default λ
     knob: str = ""  # the Config field that is the method's own knob (named in tables and plots)
 
-METHODS = {  # a new method is one entry, e.g. "mofo_l2": Method(all_params, mofo, l2_norm, 1e-2)
-    "full": Method(all_params, adamw),
-    "mofo": Method(all_params, mofo, knob="alpha"),
-    "hft": Method(hft_half, adamw, knob="hft_ratio"),
-    "l1": Method(all_params, adamw, l1_norm, reg=1e-4, knob="reg"),
-    "l2": Method(all_params, adamw, l2_norm, reg=1e-2, knob="reg"),
-    "lora": Method(lora_params, adamw, knob="rank"),
+METHODS = {  # a new method is one entry, e.g. "mofo_l2": Method(all_params, make_mofo, l2_norm, 1e-2)
+    "full": Method(all_params, make_adamw),
+    "mofo": Method(all_params, make_mofo, knob="alpha"),
+    "hft": Method(hft_half, make_adamw, knob="hft_ratio"),
+    "l1": Method(all_params, make_adamw, l1_norm, reg=1e-4, knob="reg"),
+    "l2": Method(all_params, make_adamw, l2_norm, reg=1e-2, knob="reg"),
+    "lora": Method(lora_params, make_adamw, knob="rank"),
 }
 
 def end_stage(model):  # LoRA's W0 + (α/r)·BA becomes the plain weight; all trainable again
@@ -256,13 +258,13 @@ def run(cfg: Config) -> dict:
         state = {k: ckpt[k] for k in state}
         log(f"resuming {ckpt_path} at task {state['task']}, iter {state['iter_num']}")
         if ckpt["iter_num"] == 0:  # saved at a task boundary: merged weights, before the setup
-            restore(ckpt, model, None, rng)
+            load_state(ckpt, model, None, rng)
             ckpt = None
     for i in range(state["task"], len(tasks)):
         params, trainable = method.params(model, cfg, i)
         optimizer = method.optimizer(params, cfg)
         if ckpt is not None:  # saved mid-task: restored once the stage is set up as it was then
-            restore(ckpt, model, optimizer, rng)
+            load_state(ckpt, model, optimizer, rng)
             ckpt = None
         fwd = wrap(model, cfg.compile, world, ddp=not sharded)
         every, tag = max(1, cfg.max_iters // cfg.curve_points), f"{cfg.method} {tasks[i]}"
@@ -290,7 +292,7 @@ def run(cfg: Config) -> dict:
             objective = loss
             if method.penalty is not None:  # the L1/L2 pull toward θ0, on the loss
                 objective = loss + cfg.reg * penalty(model, theta0, method.penalty)
-            step(optimizer, objective, params, cfg.grad_clip, f"{tag} iter {it}")
+            train_step(optimizer, objective, params, cfg.grad_clip, f"{tag} iter {it}")
             if cfg.log_interval and (it % cfg.log_interval == 0 or it == cfg.max_iters - 1):
                 ms = 1000 * (time.time() - last[0]) / (it + 1 - last[1])
                 log(f"{tag} iter {it}: loss {loss.item():.4f}, lr {lr:.2e}, {ms:.1f} ms/iter")
@@ -388,8 +390,9 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of the usage block
         raise ValueError(message)
 
-def field_help():  # {field: the comment beside it in Config}
-    return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
+def field_help():  # {field: the comment beside it in Config}; "" for a field without one
+    comments = re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M)
+    return {f.name: "" for f in fields(Config)} | dict(comments)
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0],

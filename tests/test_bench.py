@@ -3,15 +3,13 @@ here reads a timing: a benchmark must never pass or fail on speed."""
 
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import bench  # noqa: E402
+import bench
 
 
 def test_llama_shapes_count_llama_7b():

@@ -6,14 +6,11 @@ import hashlib
 import random
 import re
 import string
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
+import data
 
 ONE_DIGIT_SUMS = frozenset(f"{x}+{y}=" for x in range(10) for y in range(10))
 

@@ -5,16 +5,13 @@ import copy
 import io
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hft  # noqa: E402
+import hft
 
 
 # ---- tiny models carrying Hugging Face names -------------------------------------------------
@@ -204,7 +201,7 @@ def test_llama_category_rule_exact_counts(seed, qkv_bias):
     assert sorted(c["mlp"] for c in counts) == [1] * 4 + [2] * 4  # 2 of 3 in half the blocks, 1 of 3 in the rest
     assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= set(sel)
     if not qkv_bias:  # equal-sized matrices: exactly half of every category, as for Llama-2
-        r = hft.report(model, sel)
+        r = hft.summary(model, sel)
         assert r["block_fraction"] == 0.5
         assert all(r["by_category"][c]["fraction"] == 0.5 for c in hft.CATEGORIES)
         assert r["by_category"]["other"]["fraction"] == 1.0
@@ -238,7 +235,7 @@ def test_opt_category_rule_exact_counts(seed):
                "model.decoder.final_layer_norm.weight", "model.decoder.final_layer_norm.bias"]
     assert set(outside) <= set(sel)
     assert len(sel) == len(outside) + 12 * (2 + 1 + 1) * 2  # per block: 2 attn, 1 fc, 1 norm; weight + bias
-    r = hft.report(OPT_125M, sel)
+    r = hft.summary(OPT_125M, sel)
     # the model's final_layer_norm is outside the blocks; each block's own final_layer_norm is a norm in it
     assert r["by_category"]["other"]["total"] == 50272 * 768 + 2050 * 768 + 2 * 768
     assert r["by_category"]["attn"]["fraction"] == r["by_category"]["norm"]["fraction"] == 0.5
@@ -251,7 +248,7 @@ def test_encoder_decoder_category_rule_exact_counts(layout, seed):
     shapes, enc, dec, enc_cats, dec_cats, n, n_mlp = ENC_DEC[layout]
     sel = hft.select(shapes, seed=seed)
     encoder, decoder = per_block(shapes, sel, enc, enc_cats), per_block(shapes, sel, dec, dec_cats)
-    assert len(encoder) == len(decoder) == n and hft.report(shapes, sel)["n_blocks"] == 2 * n
+    assert len(encoder) == len(decoder) == n and hft.summary(shapes, sel)["n_blocks"] == 2 * n
     assert all(c["attn"] == 2 and c["norm"] == 1 for c in encoder)
     # self- and cross-attention each train 2 of their 4, never 1 + 3 or 0 + 4 as one pool of 8 could
     assert all(c["attn"] == 2 and c["cross_attn"] == 2 for c in decoder)
@@ -279,7 +276,7 @@ def test_t5_relative_attention_bias_counts_outside_the_blocks():
     sel = hft.select(T5_SMALL, seed=0)
     bias = [name for name in T5_SMALL if "relative_attention_bias" in name]
     assert len(bias) == 2 and set(bias) <= set(sel)  # trained, like the other position embeddings
-    r = hft.report(T5_SMALL, sel)
+    r = hft.summary(T5_SMALL, sel)
     assert r["by_category"]["other"]["total"] == 32128 * 512 + 2 * 512 + 2 * 32 * 8
     # then every block's attention is four equal matrices, and exactly half of each kind trains
     assert all(r["by_category"][c]["fraction"] == 0.5 for c in ("attn", "cross_attn", "mlp", "norm"))
@@ -304,7 +301,7 @@ def test_layer_and_model_strategies_on_encoder_decoder():
     blocks = per(hft.select(BART_BASE, seed=1, strategy="layer"))
     assert all(list(c.values()) in (*sizes, [0] * len(c)) for c in blocks)  # whole blocks, cross-attention too
     assert sum(any(c.values()) for c in blocks) == 6  # 6 of the 12 blocks
-    r = hft.report(BART_BASE, hft.select(BART_BASE, seed=1, strategy="model"))
+    r = hft.summary(BART_BASE, hft.select(BART_BASE, seed=1, strategy="model"))
     block_total = sum(r["by_category"][c]["total"] for c in (*hft.CATEGORIES, *hft.CROSS))
     assert abs(r["block_fraction"] - 0.5) <= (3072 * 768 + 3072) / 2 / block_total
 
@@ -457,7 +454,7 @@ def test_interrupted_hft_training_resumes_bitwise_from_its_checkpoint():
 def test_model_strategy_about_requested_fraction(ratio, seed):
     model = Llama(n_layer=16, C=8, H=24)  # modules of different sizes
     sel = hft.select(model, seed=seed, ratio=ratio, strategy="model")
-    r = hft.report(model, sel)
+    r = hft.summary(model, sel)
     block_total = sum(r["by_category"][c]["total"] for c in hft.CATEGORIES)
     largest = 8 * 24  # the greedy fill ends within half of the largest module of the target
     assert abs(r["block_fraction"] - ratio) <= largest / 2 / block_total
@@ -474,13 +471,13 @@ def test_layer_strategy_whole_blocks(ratio, n_trained):
     per = per_block(model, sel, "model.layers", LLAMA)
     assert all(c == full or c == {k: 0 for k in full} for c in per)
     assert sum(c == full for c in per) == n_trained
-    assert hft.report(model, sel)["block_fraction"] == n_trained / 8
+    assert hft.summary(model, sel)["block_fraction"] == n_trained / 8
 
 
-def test_report_counts():
+def test_summary_counts():
     model = gpt2(n_layer=2)
     sel = hft.select(model)
-    r = hft.report(model, sel)
+    r = hft.summary(model, sel)
     total = sum(p.numel() for p in model.parameters())
     assert r["total"] == total
     assert r["trainable"] == sum(p.numel() for n, p in model.named_parameters() if n in sel)
@@ -546,12 +543,12 @@ def test_category_of_table(module, category):
     assert hft.category_of(module) == category
 
 
-def test_apply_and_report_reject_unknown_names():
+def test_apply_and_summary_reject_unknown_names():
     model = Llama(n_layer=2)
     with pytest.raises(ValueError, match="no_such.weight"):
         hft.apply(model, ["lm_head.weight", "no_such.weight"])
     with pytest.raises(ValueError, match="no_such.weight"):
-        hft.report(model, ["no_such.weight"])
+        hft.summary(model, ["no_such.weight"])
     with pytest.raises(ValueError, match="iterable"):
         hft.apply(model, "lm_head.weight")
 
@@ -571,12 +568,12 @@ def test_tied_weights_are_one_parameter_under_any_of_their_names():
     sel = hft.select(model, seed=2)
     # a state_dict holds both names of the one tensor: the same selection, the same counts
     assert hft.select(model.state_dict(), seed=2) == sel
-    assert hft.report(model.state_dict(), sel) == hft.report(model, sel)
-    # apply and report take either name; the tensor trains if one of its names is selected
+    assert hft.summary(model.state_dict(), sel) == hft.summary(model, sel)
+    # apply and summary take either name; the tensor trains if one of its names is selected
     params = hft.apply(model, sel + ["lm_head.weight"])
     alias_only = [n for n in sel if n != "model.embed_tokens.weight"] + ["lm_head.weight"]
     assert hft.apply(model, alias_only) == params and model.lm_head.weight.requires_grad
-    assert hft.report(model, alias_only) == hft.report(model, sel)
+    assert hft.summary(model, alias_only) == hft.summary(model, sel)
     before = model.lm_head.weight.detach().clone()
     train(model, params)
     assert model.lm_head.weight is model.model.embed_tokens.weight
@@ -587,7 +584,7 @@ def test_shapes_without_tensors_name_every_parameter_apart():
     # a {name: shape} mapping cannot show a tie: two names are two parameters, as given
     shapes = {"embed.weight": (11, 8), "lm_head.weight": (11, 8), "h.0.attn.q.weight": (8, 8)}
     assert hft.select(shapes) == ["embed.weight", "h.0.attn.q.weight", "lm_head.weight"]
-    assert hft.report(shapes, ["embed.weight"])["total"] == 2 * 88 + 64
+    assert hft.summary(shapes, ["embed.weight"])["total"] == 2 * 88 + 64
 
 
 def test_a_parameter_frozen_before_hft_trains_again_if_selected_unless_left_out():
@@ -603,7 +600,7 @@ def test_a_parameter_frozen_before_hft_trains_again_if_selected_unless_left_out(
     params = hft.apply(model, kept_frozen)
     assert not model.model.embed_tokens.weight.requires_grad
     assert all(p is not model.model.embed_tokens.weight for p in params)
-    r = hft.report(model, kept_frozen)
+    r = hft.summary(model, kept_frozen)
     assert "model.embed_tokens.weight" in r["frozen"]
     assert r["trainable"] == sum(p.numel() for p in params)
 
@@ -614,7 +611,7 @@ def test_names_outside_the_blocks_train_whatever_they_are_called():
     sel = hft.select(model)
     assert {"score.weight", "score.bias"} <= set(sel)
     outside = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("model.layers."))
-    assert hft.report(model, sel)["by_category"]["other"]["trainable"] == outside
+    assert hft.summary(model, sel)["by_category"]["other"]["trainable"] == outside
     # a numbered module list outside a transformer (several heads) looks like blocks: named
     model.heads = nn.ModuleList([nn.Linear(8, 2), nn.Linear(8, 2)])
     with pytest.raises(ValueError, match=r"heads\.0\.weight"):
@@ -625,5 +622,5 @@ def test_blocks_of_zero_size_matrices_report_zero_fractions():
     # every matrix of the blocks empty: nothing to count, fractions 0, not a division by zero
     shapes = {"layers.0.attn.q.weight": (0, 4), "layers.0.mlp.fc.weight": (4, 0)}
     sel = hft.select(shapes)
-    r = hft.report(shapes, sel)
+    r = hft.summary(shapes, sel)
     assert (r["total"], r["fraction"], r["block_fraction"]) == (0, 0.0, 0.0)

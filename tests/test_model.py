@@ -2,15 +2,12 @@
 for q, k, v) against model_reference.py's plain model on the same weights: logits, loss and every
 parameter's gradient, in float64 (to rounding) and float32, with HFT's partial freezing, under
 bfloat16 autocast and torch.compile."""
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import model_reference  # noqa: E402
-from model import ModelConfig, RMSNorm, TinyLlama  # noqa: E402
+import model_reference
+from model import ModelConfig, RMSNorm, TinyLlama
 
 
 def pair(config, dtype=torch.float32, freeze=()):

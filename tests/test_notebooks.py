@@ -95,7 +95,7 @@ assert {(label, c.lr) for w in SWEEPS for label, _, _, _, c in sweep.configs(SWE
 for (label, acc), rows in KEPT.items():  # each plotted point: the mean of the runs' chosen points
     for w, mean, lo, hi, n in rows:
         s, r = DONE[w]
-        pts = [p for by_seed in sweep.matched(s, r, acc)[label].values() for p in by_seed.values()]
+        pts = [p for by_seed in stats.matched(sweep.trained(s, r), acc)[label].values() for p in by_seed.values()]
         assert np.isclose(mean, np.mean([p["fact_mc"] for p in pts])) and n == len(s.seeds) == len(pts), (label, w)
         assert all(p["add_val_acc"] >= acc for p in pts), (label, w)
 for w, (s, r) in DONE.items():  # the end verdict: MoFO's last points minus full's, paired by seed
@@ -116,7 +116,7 @@ for label, lr, seed, m in sweep.trained(F_SWEEP, F_RESULTS):  # the left panel: 
 assert sum(map(len, F_PATH.values())) == sum(len(m["curve"]) - 1 for *_, m in sweep.trained(F_SWEEP, F_RESULTS))
 for label, by_lr in F_PTS.items():  # the plotted means are the chosen points' means
     for lr, vals in per_seed(by_lr, "fact_mc").items():
-        assert np.isclose(sweep.interval(vals)[0], np.mean([p["fact_mc"] for p in by_lr[lr].values()]))
+        assert np.isclose(stats.interval(vals)[0], np.mean([p["fact_mc"] for p in by_lr[lr].values()]))
         assert all(p["add_val_acc"] >= AT for p in by_lr[lr].values()), label
 for label, lr, seed, m in sweep.trained(A_SWEEP, A_RESULTS):  # the right panel is the runs' last points
     assert A_ENDS[label]["fact_mc"][list(A_SWEEP.seeds).index(seed)] == m["fact_mc_after"], label

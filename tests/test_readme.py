@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import report
+import stats
 import sweep
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,7 +31,7 @@ def test_the_page_is_short_and_opens_with_the_lesson():
 def test_the_verdict_table_is_the_axis_sweeps():
     s, runs = whole("axis")
     assert len(s.seeds) == 3
-    table = sweep.verdict_table(sweep.matched(s, runs, 0.9))
+    table = stats.verdict_table(stats.matched(sweep.trained(s, runs), 0.9))
     for row in table.splitlines()[2:]:  # every method's row, its cells in order as the sweep prints them
         label, *cells = [c.strip() for c in row.strip("|").split("|")]
         if " + " not in label:  # the pull-backs: never at 90 %, said in words
@@ -40,26 +41,26 @@ def test_the_verdict_table_is_the_axis_sweeps():
 @pytest.mark.parametrize("a, b, lr", [("mofo-α0.1", "full", 5e-4), ("mofo-α0.1", "full", 1e-3)])
 def test_the_lessons_differences_at_one_rate_are_the_studys(a, b, lr):
     s, runs = whole("axis")
-    assert sweep.cell(sweep.at_rate(sweep.matched(s, runs, 0.9), a, b, lr)) in README
+    assert stats.cell(stats.at_rate(stats.matched(sweep.trained(s, runs), 0.9), a, b, lr)) in README
 
 
 @pytest.mark.parametrize("a, b", [("mofo-α0.1", "full"), ("l2", "full"), ("l2", "mofo-α0.1"),
                                   ("replay 25%", "full"), ("hft", "full")])
 def test_the_lessons_differences_at_own_best_rates_are_the_studys(a, b):
     s, runs = whole("axis")
-    assert sweep.cell(sweep.over_axis(sweep.matched(s, runs, 0.9), a, b)) in README
+    assert stats.cell(stats.over_axis(stats.matched(sweep.trained(s, runs), 0.9), a, b)) in README
 
 
-def every_cell(name, accs=sweep.MATCHED):
+def every_cell(name, accs=stats.MATCHED):
     """Every difference [interval] the sweep's tables can print: each pair of its methods, at each
     rate and over the rate axis, at each matched accuracy and at the end."""
     s, runs = whole(name)
     cells = set()
-    for pts in [sweep.matched(s, runs, a) for a in accs] + [sweep.ends(s, runs)]:
+    for pts in [stats.matched(sweep.trained(s, runs), a) for a in accs] + [stats.ends(sweep.trained(s, runs))]:
         for a in pts:
             for b in pts:
-                cells.add(sweep.cell(sweep.over_axis(pts, a, b)))
-                cells.update(sweep.cell(sweep.at_rate(pts, a, b, lr)) for lr in pts[a])
+                cells.add(stats.cell(stats.over_axis(pts, a, b)))
+                cells.update(stats.cell(stats.at_rate(pts, a, b, lr)) for lr in pts[a])
     return cells
 
 
@@ -67,10 +68,10 @@ def lora_cells():
     """LoRA's differences from full fine-tuning: its sweep's runs beside the axis sweep's full ones."""
     (sa, ra), (sl, rl) = whole("axis"), whole("lora")
     cells = set()
-    for acc in sweep.MATCHED:
-        pts = {"full": sweep.matched(sa, ra, acc)["full"], **sweep.matched(sl, rl, acc)}
-        cells.add(sweep.cell(sweep.over_axis(pts, "lora", "full")))
-        cells.update(sweep.cell(sweep.at_rate(pts, "lora", "full", lr)) for lr in pts["lora"])
+    for acc in stats.MATCHED:
+        pts = {"full": stats.matched(sweep.trained(sa, ra), acc)["full"], **stats.matched(sweep.trained(sl, rl), acc)}
+        cells.add(stats.cell(stats.over_axis(pts, "lora", "full")))
+        cells.update(stats.cell(stats.at_rate(pts, "lora", "full", lr)) for lr in pts["lora"])
     return cells
 
 
@@ -79,11 +80,11 @@ def width_cells():
     cells = set()
     for name in ("axis", "width64"):
         s, runs = whole(name)
-        for pts in [sweep.matched(s, runs, a) for a in sweep.MATCHED] + [sweep.ends(s, runs)]:
+        for pts in [stats.matched(sweep.trained(s, runs), a) for a in stats.MATCHED] + [stats.ends(sweep.trained(s, runs))]:
             mofo = "mofo-α0.1" if name == "axis" else "mofo alpha=0.1"
             own = {"full": {0: pts["full"][sweep.AXIS_BEST["full"]]},
                    "mofo": {0: pts[mofo][sweep.AXIS_BEST["mofo-α0.1"]]}}
-            cells.add(sweep.cell(sweep.at_rate(own, "mofo", "full", 0)))
+            cells.add(stats.cell(stats.at_rate(own, "mofo", "full", 0)))
     return cells
 
 
@@ -97,7 +98,7 @@ def test_every_interval_on_the_page_is_one_the_study_computes():
 
 def test_the_facts_kept_quoted_are_the_studys():
     s, runs = whole("axis")
-    pts = sweep.matched(s, runs, 0.9)
+    pts = stats.matched(sweep.trained(s, runs), 0.9)
     for label, lr in (("full", 2e-4), ("full", 5e-4), ("full", 1e-3), ("mofo-α0.1", 5e-4), ("l2", 2e-4),
                       ("hft", 5e-4)):
         assert kept(pts[label][lr]) in README, (label, lr)

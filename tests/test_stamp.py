@@ -1,16 +1,14 @@
 """Stamps by meaning: comments, docstrings and layout are free; any change to what runs, in any module
 the training code imports, stales what that code made (cached runs and the pre-trained checkpoint)."""
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import pretrain  # noqa: E402
-import sweep  # noqa: E402
-from stamp import changed, stamp  # noqa: E402
+import pretrain
+import sweep
+from stamp import changed, stamp
 
 RUNS, CHECKPOINT = "train_tiny.py", "pretrain.py"  # what the runs' and the checkpoint's stamps start at
 
@@ -32,7 +30,7 @@ def test_the_stamps_follow_the_imports():
     runs, checkpoint = stamp(RUNS), stamp(CHECKPOINT)
     assert {"train_tiny.py", "pretrain.py", "model.py", "data.py", "mofo.py", "hft.py", "stamp.py",
             "torch"} <= set(runs)
-    assert set(checkpoint) == {"pretrain.py", "model.py", "data.py", "stamp.py", "torch"}
+    assert set(checkpoint) == {"pretrain.py", "loop.py", "model.py", "data.py", "stamp.py", "torch"}
     assert sweep.STAMP == runs and pretrain.CODE == checkpoint  # what the code in front of us stamps
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import stats
 import sweep
 import train_tiny as tt
 
@@ -115,13 +116,13 @@ def test_smoke_sweep_runs_caches_and_resumes(tmp_path):
     # a fresh clone has no cache: the committed results fill it, and still only fresh runs are served
     results = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)[0]
     sweep.export("x", results, tmp_path / "results" / "x.json")
-    assert sweep.restore(s, str(tmp_path / "clone"), echo=lambda msg: None, results_dir=tmp_path / "results") == 4
+    assert sweep.fill_cache(s, str(tmp_path / "clone"), echo=lambda msg: None, results_dir=tmp_path / "results") == 4
     served, computed = sweep.run_sweep(s, str(tmp_path / "clone"), workers=1, echo=lambda msg: None)
     assert computed == 0 and served == results
     saved = json.loads((tmp_path / "results" / "x.json").read_text())
     saved["runs"][k1]["fingerprint"] = {**saved["runs"][k1]["fingerprint"], "hft.py": "old"}
     (tmp_path / "results" / "x.json").write_text(json.dumps(saved))
-    assert sweep.restore(s, str(tmp_path / "clone2"), echo=lambda msg: None, results_dir=tmp_path / "results") == 4
+    assert sweep.fill_cache(s, str(tmp_path / "clone2"), echo=lambda msg: None, results_dir=tmp_path / "results") == 4
     assert sweep.run_sweep(s, str(tmp_path / "clone2"), workers=1, echo=lambda msg: None)[1] == 1  # the stale one
 
 
@@ -251,14 +252,14 @@ def test_quick_preset_prints_the_table_and_draws_the_figure(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # The study's verdicts
 def test_interval_is_the_paired_t_interval_and_needs_two_seeds():
-    mean, lo, hi, n = sweep.interval([0.01, 0.02, 0.03])
+    mean, lo, hi, n = stats.interval([0.01, 0.02, 0.03])
     half = 4.303 * 0.01 / math.sqrt(3)  # t(0.975, 2 dof) · sd / √n, sd = 0.01
     assert (mean, n) == (pytest.approx(0.02), 3) and (lo, hi) == (pytest.approx(0.02 - half), pytest.approx(0.02 + half))
-    assert sweep.interval([0.05])[3] == 1 and math.isnan(sweep.interval([0.05])[1])
-    assert sweep.interval([])[3] == 0
-    assert sweep.facts_sd(0.9) == pytest.approx(0.01225, abs=1e-5)  # every fact: sd <= 1.5 points at 90 %
-    assert sweep.cell((0.1, 0.0, 0.2, 2), seeds=3) == "+10.0 [+0.0, +20.0] (2 of 3 seeds)"  # says who is missing
-    assert sweep.cell((0.1, 0.0, 0.2, 3), seeds=3) == "+10.0 [+0.0, +20.0]"
+    assert stats.interval([0.05])[3] == 1 and math.isnan(stats.interval([0.05])[1])
+    assert stats.interval([])[3] == 0
+    assert stats.facts_sd(0.9) == pytest.approx(0.01225, abs=1e-5)  # every fact: sd <= 1.5 points at 90 %
+    assert stats.cell((0.1, 0.0, 0.2, 2), seeds=3) == "+10.0 [+0.0, +20.0] (2 of 3 seeds)"  # says who is missing
+    assert stats.cell((0.1, 0.0, 0.2, 3), seeds=3) == "+10.0 [+0.0, +20.0]"
 
 
 def point(it, val, test, facts, dist):
@@ -268,8 +269,8 @@ def point(it, val, test, facts, dist):
 def test_chosen_uses_validation_accuracy_never_the_test_problems_or_facts():
     c = [point(0, 0.0, 0.0, 0.98, 0.0), point(100, 0.5, 0.95, 0.97, 1.0),  # test acc high, validation not
          point(200, 0.85, 0.80, 0.60, 2.0), point(300, 0.95, 0.97, 0.90, 3.0)]  # facts higher later
-    assert sweep.chosen(c, 0.8) is c[2]  # the first (nearest θ0) to reach 80 % on validation
-    assert sweep.chosen(c, 0.9) is c[3] and sweep.chosen(c, 0.99) is None
+    assert stats.chosen(c, 0.8) is c[2]  # the first (nearest θ0) to reach 80 % on validation
+    assert stats.chosen(c, 0.9) is c[3] and stats.chosen(c, 0.99) is None
 
 
 def test_best_rate_leaves_the_scored_seed_out():
@@ -277,9 +278,9 @@ def test_best_rate_leaves_the_scored_seed_out():
     by_lr = {1e-4: {0: p(0.50), 1: p(0.80), 2: p(0.80)},  # the others prefer 1e-4
              2e-4: {0: p(0.95), 1: p(0.70), 2: p(0.70)},  # seed 0 alone would pick 2e-4
              5e-4: {0: p(0.99), 1: None, 2: p(0.99)}}  # not reached by seed 1: never chosen for seed 0
-    assert sweep.best_rate(by_lr, 0) == (by_lr[1e-4][0], 1e-4)
-    assert sweep.best_rate(by_lr, 1)[1] == 5e-4  # seeds 0 and 2 both reach 5e-4 and keep the most there
-    assert sweep.best_rate({1e-4: {0: p(0.5), 1: None}}, 0) == (None, None)
+    assert stats.best_rate(by_lr, 0) == (by_lr[1e-4][0], 1e-4)
+    assert stats.best_rate(by_lr, 1)[1] == 5e-4  # seeds 0 and 2 both reach 5e-4 and keep the most there
+    assert stats.best_rate({1e-4: {0: p(0.5), 1: None}}, 0) == (None, None)
 
 
 def test_matched_pairs_seeds_and_adds_the_pulled_back_families():
@@ -291,20 +292,20 @@ def test_matched_pairs_seeds_and_adds_the_pulled_back_families():
         if label == "full":  # pulled halfway back it still reaches 90 % and keeps 0.7
             m["pullback"] = {"wise 0.5": point(100, 0.9, 0.9, 0.7, 1.0), "lines 0.5+0.5": point(100, 0.5, 0.5, 0.9, 1.5)}
         return m
-    pts = sweep.matched(s, fake_results(s, metrics), 0.9)
+    pts = stats.matched(sweep.trained(s, fake_results(s, metrics)), 0.9)
     assert set(pts) == {"full", "mofo", "full + wise", "full + lines"}
     assert pts["full + wise"][1e-4][0]["fact_mc"] == 0.7 and pts["full + lines"][1e-4][0]["fact_mc"] == 0.5
-    mean, lo, hi, n = sweep.at_rate(pts, "mofo", "full", 1e-4)
+    mean, lo, hi, n = stats.at_rate(pts, "mofo", "full", 1e-4)
     assert n == 3 and mean == pytest.approx(0.06) and lo < 0.06 < hi
-    assert sweep.over_axis(pts, "full + wise", "full")[:1] == (pytest.approx(0.2),)
-    table = sweep.verdict_table(pts)
+    assert stats.over_axis(pts, "full + wise", "full")[:1] == (pytest.approx(0.2),)
+    table = stats.verdict_table(pts)
     assert "| mofo | +6.0 [" in table and "| full + wise | +20.0 [+20.0, +20.0] |" in table
 
 
 def test_recovery_counts_the_steps_back_against_learning_from_the_pretrained_model():
     m = {"R": [[0.9]] * 5, "curve": [dict(point(i, 0, a, 0, 0), stage=st) for st, i, a in (
         (0, 0, 0.0), (0, 200, 0.3), (0, 400, 0.92), (4, 0, 0.0), (4, 200, 0.91))]}
-    assert sweep.recovery(m) == (200, 400)
+    assert stats.recovery(m) == (200, 400)
 
 
 def test_the_main_command_lines_give_both_methods_at_their_own_best_rates():
@@ -313,7 +314,7 @@ def test_the_main_command_lines_give_both_methods_at_their_own_best_rates():
     def metrics(label, lr, seed):  # full keeps most at 1e-4, MoFO at 1e-3; MoFO 2 points above full
         kept = {("full", 1e-4): 0.90, ("full", 1e-3): 0.20, ("mofo-α0.1", 1e-4): 0.50, ("mofo-α0.1", 1e-3): 0.92}
         return {"curve": [point(0, 0.0, 0.0, 0.97, 0.0), point(250, 0.95, 0.95, kept[label, lr] + seed / 1000, 1.0)]}
-    line, = sweep.main_command_lines(s, fake_results(s, metrics))
+    line, = stats.main_command_lines(sweep.trained(s, fake_results(s, metrics)))
     assert "(lr 0.0001 for full, 0.001 for MoFO α 0.1" in line and "3 seeds" in line
     assert "full fine-tuning keeps 90.1% of the facts and MoFO 92.1%" in line
     assert "a difference of +2.0 points [+2.0, +2.0]" in line
@@ -324,7 +325,7 @@ def test_the_rates_of_the_later_sweeps_are_the_axis_sweeps_choice():
     committed axis sweep at 90 % validation accuracy, over all its seeds."""
     s, runs = sweep.whole_seeds(sweep.SWEEPS["axis"], sweep.load("axis", echo=lambda msg: None))
     assert len(s.seeds) == 3
-    best = sweep.own_best_rates(s, runs)
+    best = stats.own_best_rates(sweep.trained(s, runs))
     assert {k: best[k] for k in sweep.AXIS_BEST} == sweep.AXIS_BEST
     for name in ("recovery", "width64", "width192"):
         rates = {(label, cfg.lr) for label, _, _, _, cfg in sweep.configs(sweep.SWEEPS[name])}
@@ -335,5 +336,5 @@ def test_a_sweep_without_full_fine_tuning_gets_what_it_keeps():
     s = sweep.Sweep({"lora": dict(method="lora")}, lrs=(1e-4, 1e-3), lr_for={}, seeds=(0, 1))
     def metrics(label, lr, seed):  # only 1e-3 reaches 90 %; the seeds keep 50 and 60 % there
         return {"curve": [point(0, 0.0, 0.0, 0.97, 0.0), point(250, 0.95 if lr == 1e-3 else 0.5, 0.9, 0.5 + seed / 10, 1.0)]}
-    text = sweep.study_tables(s, fake_results(s, metrics))
+    text = stats.study_tables(sweep.trained(s, fake_results(s, metrics)))
     assert "| lora | not reached | 55.0 [-8.5, 118.5] |" in text and "at 90% validation accuracy" in text

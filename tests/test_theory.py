@@ -273,7 +273,7 @@ def test_bad_arguments_raise_clear_errors():
 
 # ----- The Adam-based MoFO with η_t = η/√t and its explicit bound (theory/adam_bound.py)
 
-from theory import adam_bound as ab  # noqa: E402
+from theory import adam_bound as ab
 
 BOUNDED = ("logcosh", "logistic", "robust")
 BOUND_VIOLATIONS = tuple(f"{c}_violations" for c in (

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import data  # noqa: E402
-import pretrain  # noqa: E402
-import report  # noqa: E402
-import train_tiny as tt  # noqa: E402
-from model import ModelConfig  # noqa: E402
+import data
+import loop
+import pretrain
+import report
+import train_tiny as tt
+from model import ModelConfig
 
 SMOKE = tt.Config(**tt.PRESETS["smoke"])
 
@@ -137,7 +137,7 @@ def test_resume_is_bitwise(smoke_dir, monkeypatch, method, crash_at):
     cfg = replace(SMOKE, out_dir=str(out), method=method, tasks="add,reverse", max_iters=8,
                   ckpt_interval=3, filter="random", log_interval=0)
     whole = tt.run(replace(cfg, run_name=f"{method}_whole"))
-    real, saves = pretrain.save_checkpoint, []
+    real, saves = loop.save_checkpoint, []
 
     def crashing(obj, path):
         real(obj, path)
@@ -430,7 +430,7 @@ def test_mofo_fraction_changed_matches_the_weights_and_the_optimizer(smoke_dir, 
     made = []
 
     def recording(params, cfg):
-        made.append(tt.mofo(params, cfg))
+        made.append(tt.make_mofo(params, cfg))
         return made[-1]
 
     # a new method is one table entry: here MoFO with its optimizer recorded
@@ -446,7 +446,7 @@ def test_a_stale_pretrained_checkpoint_is_trained_again_and_says_why(smoke_dir, 
     cfg = replace(SMOKE, out_dir=str(out))
     path = pretrain.pretrained_path(cfg)
     good = tt.read_checkpoint(path)
-    pretrain.save_checkpoint({**good, "fingerprint": {**good["fingerprint"], "corpus": "0" * 12}}, path)
+    loop.save_checkpoint({**good, "fingerprint": {**good["fingerprint"], "corpus": "0" * 12}}, path)
     corpus = data.build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
     again = tt.load_or_pretrain(cfg, corpus, "cpu", nullcontext(), 0, 1)
     assert "corpus changed since" in capsys.readouterr().out
