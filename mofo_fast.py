@@ -15,14 +15,20 @@ tensor to Workspace.update_ below, which runs mofo.mofo_update_ with:
                       again each time.
   DTensors (FSDP2)    each rank steps its own rows with the mask of the whole tensor
                       (global_threshold): bitwise the parameters of one process.
-  compiled=True       steps 4-5 of contiguous float32 CPU tensors in C (mofo_kernel.py).
+  compiled=True       MoFO's momentum filter on contiguous float32 CPU matrices in C
+                      (mofo_kernel.py, fused_step_): steps 1-5 in two passes over memory, the
+                      moments and the band in one, the masked step in the other, rounded as
+                      torch's ops, so bitwise mofo.MoFO's; other tensors and filters take
+                      steps 4-5 in C, or the eager path.
 
 A bracket that misses tau costs time (a full selection), never exactness: tau is always an exact
 k-th value, so the parameters are bitwise those of mofo.MoFO (tests/test_mofo.py). An edit of
 mofo.py's step 4 (select_reference, topk_mask_reference) is not seen here: this file finds the
 same mask its own way; mofo.filter_score and mofo.random_mask it calls as they are.
 """
+import functools
 import math
+import warnings
 
 import torch
 
@@ -47,7 +53,7 @@ SAMPLE_Z = 4.0
 
 class MoFO(mofo.MoFO):
     """mofo.MoFO, bit for bit, with the mask found fast; it also steps FSDP2's DTensors.
-    compiled=True runs steps 4-5 of contiguous float32 CPU tensors in C (needs a C compiler)."""
+    compiled=True runs the step of contiguous float32 CPU tensors in C (needs a C compiler)."""
 
     def __init__(self, params, *args, compiled=False, **kwargs):
         super().__init__(params, *args, **kwargs)
@@ -86,6 +92,10 @@ class Workspace:
                 self.shard = group, 2 * start, 2 * n
         m = torch.view_as_real(exp_avg) if exp_avg.is_complex() else exp_avg
         self.kept, denom, self.scratch = self.carve(m)
+        if self.compiled and self.shard is None:
+            count = fused_step_(p, grad, exp_avg, exp_avg_sq, *hyper, out=self.kept)
+            if count is not None:  # else a tensor or a filter the fused C step does not take
+                return count
         return mofo.mofo_update_(p, grad, exp_avg, exp_avg_sq, *hyper, select=self.select_,
                                  numel=numel, denom=denom)
 
@@ -225,6 +235,75 @@ def compiled_step_(p, m, denom, k, step_size, out):
     tau, count = found
     mofo_kernel.apply_c(p, m, denom, tau, -float(step_size))  # float: lr may be a tensor
     return count
+
+
+def fused_step_(p, grad, exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay, alpha,
+                maximize=False, filter="momentum", generator=None, out=None, checked=True):
+    """mofo.mofo_update_ of one tensor in two passes of C (mofo_kernel.py), bit for bit: the
+    moments, the sample and the band in one, the selection among the band, then decay, denominator
+    and masked step in the other; nothing is allocated (out: a float32 buffer of >= numel
+    entries). Returns the mask's size, or None (nothing done) where it does not apply: another
+    filter, a dense step (AdamW's ops, eager), tensors other than contiguous float32 CPU ones, or
+    a torch whose rounding the kernel does not reproduce (fused_matches_torch; checked=False
+    skips that check, for the check itself)."""
+    import mofo_kernel  # opt-in: it compiles C on first use
+    if filter != "momentum":
+        return None
+    if p.is_complex():  # as mofo_update_: the real view, two entries per complex one
+        if not grad.is_complex():
+            return None
+        p, grad, exp_avg, exp_avg_sq = map(torch.view_as_real, (p, grad, exp_avg, exp_avg_sq))
+    n = p.numel()
+    if p.dim() < 2 or alpha == 1.0 or n == 0 or out is None or out.numel() < n:
+        return None
+    if not mofo_kernel.compilable(p, grad, exp_avg, exp_avg_sq, out):
+        return None
+    if checked and not fused_matches_torch():
+        return None
+    lr = lr.squeeze() if torch.is_tensor(lr) else lr
+    k = max(1, math.floor(alpha * n))  # mofo_update_'s k
+    # The scalars as mofo_update_ computes them (a tensor lr makes some of them float32 tensors);
+    # ctypes rounds each to float32 as torch does when it takes a Python number for a float op.
+    found = mofo_kernel.moments_threshold_c(grad, exp_avg, exp_avg_sq, k, -1.0 if maximize else 1.0,
+                                            1 - beta1, beta2, 1 - beta2, SAMPLE_SIZE, SAMPLE_Z, out)
+    if found is None:  # a NaN in m, which torch.topk ranks first: its full selection
+        score = torch.abs(exp_avg, out=out.reshape(-1)[:n].view(exp_avg.shape))
+        tau, count = topk_threshold(score, k, sampled=False)
+        found = tau.item(), int(count)
+    tau, count = found
+    decay = float(1 - lr * weight_decay) if weight_decay != 0 else None
+    step_size = lr / (1 - beta1 ** step)
+    mofo_kernel.masked_step_c(p, exp_avg, exp_avg_sq, tau, decay, (1 - beta2 ** step) ** 0.5, eps,
+                              -float(step_size))
+    return count
+
+
+@functools.cache
+def fused_matches_torch():
+    """Whether fused_step_ gives mofo.mofo_update_'s bits on this machine and torch build: checked
+    once on a few tensors (sampled and not, both of lerp's formulas, decay, maximize, a tensor lr).
+    Where it does not, MoFO(compiled=True) keeps to steps 4-5 in C, with a warning."""
+    gen = torch.Generator().manual_seed(0)
+    for shape, beta1, wd, maximize, lr in (((4 * SAMPLE_SIZE + 3, 3), 0.9, 0.0, False, 1e-3),
+                                           ((37, 41), 0.3, 0.1, True, torch.tensor([1e-2]))):
+        p, m, v = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen) * 1e-3, \
+            torch.rand(shape, generator=gen) * 1e-6
+        grads = [torch.randn(shape, generator=gen) * 1e-2 for _ in range(2)]
+        runs = []
+        for fused in (False, True):
+            q, mq, vq = p.clone(), m.clone(), v.clone()
+            for step, g in enumerate(grads, 1):
+                hyper = (step, lr, beta1, 0.999, 1e-8, wd, 0.1, maximize, "momentum", None)
+                if fused:
+                    fused_step_(q, g, mq, vq, *hyper, out=torch.empty_like(q), checked=False)
+                else:
+                    mofo.mofo_update_(q, g, mq, vq, *hyper)
+            runs.append([t.view(torch.int32) for t in (q, mq, vq)])
+        if not all(torch.equal(a, b) for a, b in zip(*runs)):
+            warnings.warn("MoFO(compiled=True): this torch rounds AdamW's ops unlike the fused C step; "
+                          "it takes steps 4-5 in C only")
+            return False
+    return True
 
 
 # ----- Sharded parameters. FSDP2 (torch.distributed.fsdp.fully_shard) makes each parameter a

@@ -27,6 +27,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import platform
 import subprocess
 import tempfile
 
@@ -133,9 +134,29 @@ static long band(const float *x, long n, float lo, float hi, float *out, long *a
     return found[0];
 }
 
+/* mofo_fast.bracket on a sample of `size` values (overwritten; room for 2 * size): lo and hi
+   around the k-th largest of n entries, the sampled values of its ranks r_lo > r_hi. */
+static void bracket(float *sample, long size, long n, long k, double z, float *lo, float *hi) {
+    float *copy = sample + size;  /* kth_largest overwrites: 2 copies */
+    memcpy(copy, sample, size * sizeof(float));
+    double mean = (double)k / n * size, spread = z * sqrt(mean * (1 - (double)k / n)) + 1;
+    long r_lo = (long)ceil(mean + spread), r_hi = (long)floor(mean - spread), m = 0;
+    if (r_lo > size) r_lo = size;
+    *lo = kth_largest(sample, size, r_lo, NULL);
+    if (r_hi < 1) {
+        *hi = INFINITY;
+        return;
+    }
+    /* The r_hi-th largest is among the r_lo or more values >= lo (NaN kept, as it ranks first
+       in kth_largest too): select among those few instead of all. */
+    for (long i = 0; i < size; i++)
+        if (!(copy[i] < *lo)) copy[m++] = copy[i];
+    *hi = kth_largest(copy, m, r_hi, NULL);
+}
+
 /* mofo_fast.topk_threshold on |x|: *tau = the k-th largest |x_i| and *count =
    #{i : |x_i| >= tau}; returns 0, or 1 when the bracket missed tau (nothing written). The bracket
-   is mofo_fast.bracket's, line for line; a tensor of at most 4 * sample_size entries is all band.
+   is mofo_fast.bracket's; a tensor of at most 4 * sample_size entries is all band.
    out: room for n. */
 int mofo_threshold(const float *x, long n, long k, long sample_size, double z, float *out,
                    int threads, float *tau, long *count) {
@@ -146,15 +167,10 @@ int mofo_threshold(const float *x, long n, long k, long sample_size, double z, f
     if (n > 4 * sample_size) {
         long stride = n / sample_size, size = 0;
         while (gcd(stride, n) > 1) stride--;
-        float *sample = malloc(2 * sample_size * sizeof(float));  /* kth_largest overwrites: 2 copies */
+        float *sample = malloc(2 * sample_size * sizeof(float));
         if (!sample) return 1;
         for (long i = stride / 2; i < n && size < sample_size; i += stride) sample[size++] = fabsf(x[i]);
-        memcpy(sample + size, sample, size * sizeof(float));
-        double mean = (double)k / n * size, spread = z * sqrt(mean * (1 - (double)k / n)) + 1;
-        long r_lo = (long)ceil(mean + spread), r_hi = (long)floor(mean - spread);
-        if (r_lo > size) r_lo = size;
-        lo = kth_largest(sample, size, r_lo, NULL);
-        hi = r_hi >= 1 ? kth_largest(sample + size, size, r_hi, NULL) : INFINITY;
+        bracket(sample, size, n, k, z, &lo, &hi);
         free(sample);
     }
     long m = band(x, n, lo, hi, out, &above, threads);
@@ -164,6 +180,153 @@ int mofo_threshold(const float *x, long n, long k, long sample_size, double z, f
     *count = above + c;
     *tau = t;
     return 0;
+}
+
+/* ----- The fused step (MoFO(compiled=True)'s path): steps 1-5 of one tensor in two passes over
+   memory, mofo_moments_band then mofo_masked_step, each rounding as torch's CPU ops do, op for op.
+   Found by comparing with torch bit for bit (tests/test_mofo_kernel.py), and checked again at
+   first use (mofo_fast.fused_matches_torch), since they are a torch build's choices:
+
+   exp_avg.lerp_(g, w1)   ATen's lerp: fma(w1, g - m, m) if |w1| < 0.5, else fma(w1 - 1, g - m, g);
+                          its vectorized loop calls fmadd, and its scalar tail is contracted to the
+                          same fma, so every entry rounds alike wherever the loop's chunks end.
+   exp_avg_sq.mul_(b2).addcmul_(g, g, value=w2)    v * b2 rounded, then fma(w2 * g, g, v * b2).
+   torch.sqrt(v)          MKL's vmsSqrt (VML_HA) where torch is built with MKL: within an ulp, not
+                          always the rounded root, so this kernel calls the very same function
+                          (passed in as `vsqrt`); sqrtf where torch's is the correctly rounded one.
+   .div_(c).add_(eps)     a true division by the float c, then an addition.
+   p.mul_(decay)          one rounded product (only where weight_decay != 0, as mofo_update_).
+   p.addcdiv_(m * mask, denom, value=step)   p + step * (m * mask) / denom, rounded op by op;
+                          m * mask is m times 1.0 or 0.0, so a dropped entry is a zero with m's
+                          sign (NaN for an infinite m), as mofo.select_reference's m * mask.
+   Everything else is built with -ffp-contract=off: no fused multiply-add but where written. */
+
+#define BLOCK 256  /* entries per block: the flags and roots stay in the L1 cache */
+
+/* One entry's new m, as ATen's lerp (above); sign = -1 for maximize (-g is exact). */
+static inline float lerp_m(float m, float g, float w1, int small) {
+    return small ? fmaf(w1, g - m, m) : fmaf(w1 - 1.0f, g - m, g);
+}
+
+/* Pass 1 over x[start..end) of this thread: the new moments of every entry, written back, and
+   the band of mofo_fast.band on the new |m| (flags as in band() above), gathered to out + start.
+   *above: how many new |m| > hi; *nan: how many are NaN (torch.topk ranks those first). */
+static long moments_part(const float *restrict g, float *restrict m, float *restrict v,
+                         long start, long end, float sign, float w1, int small, float b2, float w2,
+                         float lo, float hi, float *restrict out, long *above, long *nan) {
+    unsigned char flags[BLOCK];
+    long c = 0, a = 0, z = 0;
+    for (long i = start; i < end; i += BLOCK) {
+        long len = end - i < BLOCK ? end - i : BLOCK, j = 0;
+        int ab = 0, nb = 0;  /* int counters: the loop vectorizes in 32-bit lanes */
+        for (long e = 0; e < len; e++) {
+            float gi = sign * g[i + e], mi = lerp_m(m[i + e], gi, w1, small);
+            v[i + e] = fmaf(w2 * gi, gi, v[i + e] * b2);
+            m[i + e] = mi;
+            float s = fabsf(mi);
+            flags[e] = (s >= lo) & (s <= hi);
+            ab += s > hi;
+            nb += s != s;
+        }
+        a += ab;
+        z += nb;
+        for (; j + 8 <= len; j += 8) {  /* as in band(): 8 flags at a time, set bytes only */
+            uint64_t word;
+            memcpy(&word, flags + j, 8);
+            for (; word; word &= word - 1)
+                out[start + c++] = fabsf(m[i + j + (__builtin_ctzll(word) >> 3)]);
+        }
+        for (; j < len; j++)
+            if (flags[j]) out[start + c++] = fabsf(m[i + j]);
+    }
+    *above = a;
+    *nan = z;
+    return c;
+}
+
+#define RUN 16  /* entries per sampled run: 64 bytes, one cache line */
+
+/* Steps 2 and 4 in one read of g, m, v: m = lerp(m, g, w1), v = v * b2 + w2 * g * g (torch's
+   rounding, above), written back; then *tau = the k-th largest new |m| and *count = #{|m| >= tau}.
+   The bracket is mofo_fast.bracket's but for its sample: sample_size / RUN runs of RUN adjacent
+   entries, not single entries, so that it reads a cache line of m and of g per RUN sampled values
+   instead of one per value (on bench.py's tensors the strided sample read about as many lines as
+   the pass itself). The runs are evenly strided in steps coprime with the number of runs that fit,
+   so they walk through all columns of a matrix whose rows are whole runs. The sampled values are
+   the new |m|, computed from the old m and g before the pass with the pass's formula. A bracket
+   that misses tau makes all of |m| the band (a full selection, in C). Returns 0; or 1 where an |m|
+   is NaN (torch.topk ranks NaN first: mofo_fast selects with it); the moments are written either
+   way. sign: -1.0 for maximize. out: room for n floats (the band). */
+int mofo_moments_band(const float *g, float *m, float *v, long n, long k, float sign, float w1,
+                      float b2, float w2, long sample_size, double z, float *out, int threads,
+                      float *tau, long *count) {
+    long found[64], over[64], nans[64];
+    float lo = 0.0f, hi = INFINITY;
+    int small = fabsf(w1) < 0.5f;
+    if (threads < 1) threads = 1;
+    if (threads > 64) threads = 64;
+    if (n > 4 * sample_size) {  /* the sample sits in out, which the pass overwrites later */
+        long runs = n / RUN, stride = runs / (sample_size / RUN), size = 0;
+        while (gcd(stride, runs) > 1) stride--;
+        for (long j = stride / 2; j < runs && size < sample_size; j += stride)
+            for (long i = j * RUN; i < (j + 1) * RUN; i++)
+                out[size++] = fabsf(lerp_m(m[i], sign * g[i], w1, small));
+        bracket(out, size, n, k, z, &lo, &hi);
+    }
+    #pragma omp parallel num_threads(threads)
+    {
+        int t = omp_get_thread_num(), nt = omp_get_num_threads();
+        long start = n * t / nt, end = n * (t + 1) / nt;
+        found[t] = moments_part(g, m, v, start, end, sign, w1, small, b2, w2, lo, hi, out,
+                                over + t, nans + t);
+        #pragma omp barrier
+        #pragma omp single
+        for (int u = 1; u < nt; u++) {  /* the parts' bands moved together, in order */
+            memmove(out + found[0], out + n * u / nt, found[u] * sizeof(float));
+            found[0] += found[u];
+            over[0] += over[u];
+            nans[0] += nans[u];
+        }
+    }
+    long above = over[0], band_size = found[0], c;
+    if (nans[0]) return 1;
+    if (!(above < k && k <= above + band_size))  /* missed: all of |m| is the band */
+        band_size = band(m, n, 0.0f, INFINITY, out, &above, threads);
+    float t = kth_largest(out, band_size, k - above, &c);  /* the band's (k - above)-th largest */
+    *count = above + c;
+    *tau = t;
+    return 0;
+}
+
+#define ROOTS 8192  /* entries per call of vsqrt: 8 KiB of roots, in the L1 cache; a call costs */
+
+/* MKL's vmsSqrt through its Fortran entry (n, a, r, mode by address), as libtorch_cpu exports it */
+typedef void (*vsqrt_fn)(const int *n, const float *a, float *r, const long long *mode);
+
+/* Steps 1, 3 and 5 in one read of p, m, v: p = p * decay, denom = sqrt(v) / c + eps,
+   p = p + step * (m * (|m| >= tau)) / denom, each rounded as torch's op (above). decay = 1 where
+   mofo_update_ skips the product (weight_decay = 0): p * 1 is p, bit for bit. vsqrt: torch's
+   square root (MKL), or NULL for sqrtf. */
+void mofo_masked_step(float *restrict p, const float *restrict m, const float *restrict v, long n,
+                      float tau, float decay, float c, float eps, float step, int threads,
+                      vsqrt_fn vsqrt) {
+    /* VML_HA | VML_FTZDAZ_OFF | VML_ERRMODE_IGNORE: the mode ATen's vml.h calls it with */
+    const long long mode = 0x2 | 0x140000 | 0x100;
+    if (threads < 1) threads = 1;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (long i = 0; i < n; i += ROOTS) {
+        float root[ROOTS];
+        int len = n - i < ROOTS ? (int)(n - i) : ROOTS;
+        if (vsqrt)
+            vsqrt(&len, v + i, root, &mode);
+        else
+            for (int e = 0; e < len; e++) root[e] = sqrtf(v[i + e]);
+        for (int e = 0; e < len; e++) {
+            float denom = root[e] / c + eps, mi = m[i + e];
+            float kept = mi * (float)(fabsf(mi) >= tau);  /* m * mask, as the reference */
+            p[i + e] = p[i + e] * decay + step * kept / denom;
+        }
+    }
 }
 
 /* p.addcdiv_(m * (|m| >= tau), denom, value=step) without the masked copy: torch's CPU
@@ -181,33 +344,73 @@ void mofo_apply(float *p, const float *m, const float *denom, long n, float tau,
 """
 
 
+def cpu_flags():
+    """This CPU's feature flags (Linux), or its architecture: part of the library's name, since it
+    is built for this CPU (-march=native) and must not be loaded on another from a shared /tmp."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return platform.machine()
+
+
 @functools.cache
 def library():
-    """The compiled library, built on first use (0.3 s) and then loaded from disk."""
-    name = f"mofo_kernel-{hashlib.sha256(SOURCE.encode()).hexdigest()[:12]}.so"
-    path = os.path.join(tempfile.gettempdir(), name)
+    """The compiled library, built on first use (a second) and then loaded from disk."""
+    key = hashlib.sha256((SOURCE + cpu_flags()).encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"mofo_kernel-{key}.so")
     if not os.path.exists(path):
         src, tmp = f"{path}.{os.getpid()}.c", f"{path}.{os.getpid()}.tmp"
         with open(src, "w") as f:
             f.write(SOURCE)
-        cmd = [os.environ.get("CC", "cc"), "-O3", "-ffp-contract=off", "-fopenmp", "-shared",
-               "-fPIC", src, "-o", tmp, "-lm"]
+        # -march=native: the CPU's fma and vector width (without it fmaf is a library call per
+        # entry); a compiler that has no such flag builds for the generic CPU instead.
+        # -fno-math-errno and -fno-trapping-math (as torch is built) let sqrtf and m * mask
+        # vectorize; they change no result. -ffp-contract=off: see the fused step's comment.
+        cmd = [os.environ.get("CC", "cc"), "-O3", "-ffp-contract=off", "-fno-math-errno",
+               "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC", src, "-o", tmp, "-lm"]
         try:
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-        except (OSError, subprocess.CalledProcessError) as e:
+            for flags in (["-march=native"], []):
+                run = subprocess.run(cmd + flags, capture_output=True, text=True)
+                if run.returncode == 0:
+                    break
+            else:
+                raise RuntimeError(run.stderr)
+        except (OSError, RuntimeError) as e:
             raise RuntimeError(f"MoFO(compiled=True) needs a C compiler with OpenMP; `{' '.join(cmd)}` "
-                               f"failed: {getattr(e, 'stderr', None) or e}") from e
+                               f"failed: {e}") from e
         finally:
             os.remove(src)
         os.replace(tmp, path)  # atomic: a concurrent build never loads half a file
     lib = ctypes.CDLL(path)
-    ptr, long_, float_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float
-    lib.mofo_threshold.restype = ctypes.c_int
-    lib.mofo_threshold.argtypes = [ptr, long_, long_, long_, ctypes.c_double, ptr, ctypes.c_int,
+    ptr, long_, float_, int_ = ctypes.c_void_p, ctypes.c_long, ctypes.c_float, ctypes.c_int
+    lib.mofo_threshold.restype = int_
+    lib.mofo_threshold.argtypes = [ptr, long_, long_, long_, ctypes.c_double, ptr, int_,
                                    ctypes.POINTER(float_), ctypes.POINTER(long_)]
     lib.mofo_apply.restype = None
-    lib.mofo_apply.argtypes = [ptr, ptr, ptr, long_, float_, float_, ctypes.c_int]
+    lib.mofo_apply.argtypes = [ptr, ptr, ptr, long_, float_, float_, int_]
+    lib.mofo_moments_band.restype = int_
+    lib.mofo_moments_band.argtypes = [ptr, ptr, ptr, long_, long_, float_, float_, float_, float_,
+                                      long_, ctypes.c_double, ptr, int_, ctypes.POINTER(float_),
+                                      ctypes.POINTER(long_)]
+    lib.mofo_masked_step.restype = None
+    lib.mofo_masked_step.argtypes = [ptr, ptr, ptr, long_, float_, float_, float_, float_, float_,
+                                     int_, ptr]
     return lib
+
+
+@functools.cache
+def torch_sqrt():
+    """The address of the square root torch.sqrt runs on float32 CPU tensors where that is not
+    sqrtf: MKL's vmsSqrt, exported by libtorch_cpu of builds with MKL; None (sqrtf) elsewhere.
+    mofo_fast.fused_matches_torch checks the choice against torch.sqrt before it is used."""
+    if not torch.backends.mkl.is_available():
+        return None
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        return ctypes.cast(lib.VMSSQRT_, ctypes.c_void_p).value
+    except (OSError, AttributeError):
+        return None
 
 
 def compilable(*tensors):
@@ -230,3 +433,26 @@ def apply_c(p, m, denom, tau, step):
     assert compilable(p, m, denom) and p.numel() == m.numel() == denom.numel()
     library().mofo_apply(p.data_ptr(), m.data_ptr(), denom.data_ptr(), p.numel(), float(tau), step,
                          torch.get_num_threads())
+
+
+def moments_threshold_c(g, m, v, k, sign, w1, b2, w2, sample_size, z, out):
+    """Steps 2 and 4 of the fused step: m.lerp_(sign * g, w1), v.mul_(b2).addcmul_(g, g, value=w2)
+    in place, bit for bit, and (tau, count) of the new |m| as threshold_c; None where an |m| is NaN
+    (the moments are updated all the same). out: float32, >= m's size."""
+    assert compilable(g, m, v, out) and out.numel() >= m.numel() and 1 <= k <= m.numel()
+    assert g.numel() == m.numel() == v.numel()
+    tau, count = ctypes.c_float(), ctypes.c_long()
+    missed = library().mofo_moments_band(g.data_ptr(), m.data_ptr(), v.data_ptr(), m.numel(), k,
+                                         sign, w1, b2, w2, sample_size, z, out.data_ptr(),
+                                         torch.get_num_threads(), ctypes.byref(tau),
+                                         ctypes.byref(count))
+    return None if missed else (tau.value, count.value)
+
+
+def masked_step_c(p, m, v, tau, decay, c, eps, step):
+    """Steps 1, 3 and 5 of the fused step, bit for bit: p.mul_(decay) (unless decay is None),
+    denom = torch.sqrt(v).div_(c).add_(eps), p.addcdiv_(m * (|m| >= tau), denom, value=step)."""
+    assert compilable(p, m, v) and p.numel() == m.numel() == v.numel()
+    library().mofo_masked_step(p.data_ptr(), m.data_ptr(), v.data_ptr(), p.numel(), tau,
+                               1.0 if decay is None else decay, c, eps, step,
+                               torch.get_num_threads(), torch_sqrt())

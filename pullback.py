@@ -13,7 +13,8 @@ The settings below were fixed before any of their runs was scored (λ = 1 is the
 """
 import torch
 
-WISE = (0.25, 0.5, 0.75)  # λ, nearest θ0 first
+WISE = (0.25, 0.5, 0.75, 0.8, 0.85, 0.9, 0.95)  # λ, nearest θ0 first; 0.8-0.95 added (fixed
+# before any of their runs) where the 2000-step study jumped from 10 % to 96 % validation accuracy
 LINES = ((0.25, 0.75), (0.5, 0.5))  # (a, b): the first block keeps a of its update, the last all
 
 

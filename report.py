@@ -11,7 +11,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 COLORS = {"full": "black", "mofo": "tab:orange", "hft": "tab:green", "l1": "tab:cyan",
           "l2": "tab:blue", "lora": "tab:purple", "replay": "tab:gray", "wise": "tab:brown",
-          "lines": "tab:pink"}  # one colour per method in every figure: report's and notebooks'
+          "lines": "tab:pink", "mofo_l2": "tab:olive"}  # one colour per method in every figure
 
 
 def color(name):  # "mofo alpha=0.1" -> MoFO's colour; "replay 25%" -> replay's

@@ -1,13 +1,13 @@
 """The tiny forgetting experiment: a small Llama-style model that knows an invented world learns a
-new skill, six ways, and we watch what it learns and what it forgets along the way.
+new skill, seven ways, and we watch what it learns and what it forgets along the way.
 
   full   AdamW on every weight.
   mofo   MoFO (Chen et al., arXiv 2407.20999): Adam that moves only the α fraction of each
          tensor's entries with the largest momentum (mofo.py).
   hft    Half Fine-Tuning (Hui et al., arXiv 2404.18466): half of each block frozen per task.
-  l1/l2  AdamW on loss + λ‖θ − θ0‖₁ or λ‖θ − θ0‖²: a pull toward the pre-trained weights θ0.
+  l1/l2  AdamW on loss + λ‖θ − θ0‖₁ or λ‖θ − θ0‖²: a pull toward the pre-trained weights θ0;
+         mofo_l2: MoFO on the same pulled loss (do the two add up?).
   lora   LoRA (Hu et al., arXiv 2106.09685): W0 + (α/r)·BA on the block matrices, merged after.
-  --replay mixes pre-training text into the batches: the reference that needs the old data.
 
 The model (model.py) is pre-trained once on the world (pretrain.py, cached); the world, the tasks
 and how a model is scored are in data.py. Every run is scored at step 0 and along training (its
@@ -17,7 +17,7 @@ learning can be read against forgetting at every step. Each method is one entry 
     python train_tiny.py --method mofo --alpha 0.1      # beside full fine-tuning, same everything
     python train_tiny.py --method full --tasks add,reverse,sort,count --compare none
     torchrun --nproc_per_node=2 train_tiny.py --method hft
-    torchrun --nproc_per_node=2 train_tiny.py --method mofo --fsdp   # weights sharded (FSDP2)
+    torchrun --nproc_per_node=2 train_tiny.py --method full --fsdp   # weights sharded (FSDP2)
 """
 import argparse
 import concurrent.futures as cf
@@ -44,7 +44,6 @@ import pullback
 from data import (TASKS, build_corpus, estimate_loss, fact_scores, make_rows, shard, task_scores,
                   test_problems, text_windows, train_problems)
 import mofo
-import mofo_fast
 from loop import (autocast, get_lr, load_state, log, machine, pick_device, read_checkpoint,
                   save_state, setup_distributed, shard_model, train_step, whole, wrap)
 from model import TinyLlama
@@ -76,7 +75,7 @@ class Config:  # every field is a flag: --help shows the comment beside it
     pretrain_warmup_iters: int = 50  # pre-training warm-up steps
     pretrain_weight_decay: float = 0.1  # pre-training AdamW decay on matrices
     grad_clip: float = 1.0  # clip the global gradient norm (0: off)
-    method: str = "mofo"  # full | mofo | hft | l1 | l2 | lora (the METHODS table)
+    method: str = "mofo"  # full | mofo | hft | l1 | l2 | lora | mofo_l2 (the METHODS table)
     compare: str = "full"  # the baseline fine-tuned beside --method (same everything), or none
     tasks: str = "add"  # comma-separated sequence of add, reverse, sort, count (continual)
     seed: int = 0  # fine-tuning seed: data order, HFT draw, LoRA init, MoFO random filter
@@ -149,9 +148,8 @@ def lora_params(model, cfg, stage):  # adapters on the block matrices that lora_
 def make_adamw(params, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, betas=FINETUNE_BETAS, weight_decay=cfg.weight_decay)
 
-def make_mofo(params, cfg):  # mofo.py's, the code a reader edits; FSDP2's DTensors need the fast one
-    optimizer = mofo_fast.MoFO if cfg.fsdp else mofo.MoFO
-    return optimizer(params, lr=cfg.lr, betas=FINETUNE_BETAS, weight_decay=cfg.weight_decay,
+def make_mofo(params, cfg):  # mofo.py's: the code a reader edits is the code that runs
+    return mofo.MoFO(params, lr=cfg.lr, betas=FINETUNE_BETAS, weight_decay=cfg.weight_decay,
                      alpha=cfg.alpha, filter=cfg.filter, seed=cfg.seed)
 
 def l1_norm(delta):
@@ -168,13 +166,14 @@ class Method:
     reg: float = 0.0  # the penalty's default λ
     knob: str = ""  # the Config field that is the method's own knob (named in tables and plots)
 
-METHODS = {  # a new method is one entry, e.g. "mofo_l2": Method(all_params, make_mofo, l2_norm, 1e-2)
+METHODS = {  # a new method is one entry, as "mofo_l2" is
     "full": Method(all_params, make_adamw),
     "mofo": Method(all_params, make_mofo, knob="alpha"),
     "hft": Method(hft_half, make_adamw, knob="hft_ratio"),
     "l1": Method(all_params, make_adamw, l1_norm, reg=1e-4, knob="reg"),
     "l2": Method(all_params, make_adamw, l2_norm, reg=1e-2, knob="reg"),
     "lora": Method(lora_params, make_adamw, knob="rank"),
+    "mofo_l2": Method(all_params, make_mofo, l2_norm, reg=1e-2, knob="alpha"),
 }
 
 def end_stage(model):  # LoRA's W0 + (α/r)·BA becomes the plain weight; all trainable again
@@ -370,10 +369,9 @@ def check_config(cfg, world=1):
          f"--n_embd must be a multiple of 2·n_head (rotary), got {cfg.n_embd}"),
         (cfg.batch_size % world == 0, f"--batch_size {cfg.batch_size} must be divisible by the "
                                       f"{world} ranks"),
-        (not cfg.fsdp or (cfg.method in ("full", "mofo", "hft") and not cfg.resume
-                          and not cfg.pullback),
-         "--fsdp runs --method full, mofo or hft, without --resume or --pullback (LoRA, the "
-         "L1/L2 pull and the pull-back need whole tensors)")]
+        (not cfg.fsdp or (cfg.method in ("full", "hft") and not cfg.resume and not cfg.pullback),
+         "--fsdp runs --method full or hft, without --resume or --pullback (MoFO on FSDP2 is "
+         "mofo_fast.MoFO's; LoRA, the L1/L2 pull and the pull-back need whole tensors)")]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
@@ -390,26 +388,21 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line instead of the usage block
         raise ValueError(message)
 
-def field_help():  # {field: the comment beside it in Config}; "" for a field without one
-    comments = re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M)
-    return {f.name: "" for f in fields(Config)} | dict(comments)
+def field_help():  # {field: the comment beside it in Config}
+    return dict(re.findall(r"^\s+(\w+): \w+ = .*?  # (.*)$", inspect.getsource(Config), re.M))
 
 def parse_args(argv=None):
     p = Parser(description=__doc__.split("\n\n")[0],
                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                    help="start from a named set of defaults (smoke: the whole pipeline in seconds)")
-    helps = field_help()
+    helps = field_help()  # a field without a comment: an empty help
     for f in fields(Config):
         kind = dict(action=argparse.BooleanOptionalAction) if f.type is bool else dict(type=f.type)
         p.add_argument(f"--{f.name}", default=argparse.SUPPRESS,
-                       help=f"{helps[f.name]} (default: {f.default!r})", **kind)
+                       help=f"{helps.get(f.name, '')} (default: {f.default!r})", **kind)
     given = vars(p.parse_args(argv))  # only the flags on the command line (defaults suppressed)
     return Config(**{**PRESETS.get(given.pop("preset", None), {}), **given})
-
-def run_alone(cfg, threads):  # one run of a comparison, in a process of its own
-    torch.set_num_threads(threads)
-    return run(cfg)
 
 def compare(cfg):
     """cfg.method and the baseline cfg.compare, fine-tuned from the same pre-trained model with the
@@ -422,14 +415,15 @@ def compare(cfg):
     if "RANK" in os.environ:
         return [run(c) for c in runs]
     device = pick_device(cfg.device)  # pre-trained here first, so that the two do not both do it
-    corpus = build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus, cfg.arith)
-    load_or_pretrain(cfg, corpus, device, autocast(device), 0, 1)
+    load_or_pretrain(cfg, build_corpus(cfg.data_seed, cfg.n_people, cfg.filler, cfg.corpus,
+                                       cfg.arith), device, autocast(device), 0, 1)
     threads = max(1, torch.get_num_threads() // 2)
     names = " and ".join(label(asdict(c), METHODS[c.method].knob) for c in runs)
     log(f"fine-tuning {names} side by side, {threads} thread(s) each")
     quiet = [replace(c, log_interval=0) for c in runs]  # the curve points are the progress report
-    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(run_alone, quiet, [threads] * 2))
+    with cf.ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        return list(pool.map(run, quiet))
 
 def main(argv=None):
     try:

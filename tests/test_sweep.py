@@ -155,6 +155,15 @@ def test_revalidate_restamps_only_when_the_reruns_reproduce(tmp_path, monkeypatc
     again, computed = sweep.run_sweep(s, out, workers=1, echo=lambda msg: None)
     assert computed == 0 and all(again[k]["task_acc"] == results[k]["task_acc"] for k in results)
 
+    stamp_old()  # family by family: HFT's numbers moved, full fine-tuning's did not
+    monkeypatch.setattr(tt, "run", lambda cfg: {**real(cfg), **(
+        {"task_acc": -1.0} if cfg.method == "hft" else {})})
+    said = []
+    assert sweep.revalidate(s, out, workers=1, echo=said.append) is False
+    assert said[-1].startswith("re-stamped 1 runs with the new fingerprint; hft: the change moved")
+    fresh = sweep.fresh(s, out)
+    assert [k.split("_")[0] for k in fresh] == ["full"]
+
 
 def test_a_comment_edit_keeps_every_run_and_a_code_edit_recomputes_them(tmp_path):
     """A reader's loop on a copy of the code: a comment or docstring edit in mofo.py serves every
