@@ -298,15 +298,23 @@ int mofo_moments_band(const float *g, float *m, float *v, long n, long k, float 
     return 0;
 }
 
-#define ROOTS 8192  /* entries per call of vsqrt: 8 KiB of roots, in the L1 cache; a call costs */
-
 /* MKL's vmsSqrt through its Fortran entry (n, a, r, mode by address), as libtorch_cpu exports it */
 typedef void (*vsqrt_fn)(const int *n, const float *a, float *r, const long long *mode);
+
+#define STEP_BLOCK 4096  /* entries per block of mofo_masked_step: its buffers stay in cache */
 
 /* Steps 1, 3 and 5 in one read of p, m, v: p = p * decay, denom = sqrt(v) / c + eps,
    p = p + step * (m * (|m| >= tau)) / denom, each rounded as torch's op (above). decay = 1 where
    mofo_update_ skips the product (weight_decay = 0): p * 1 is p, bit for bit. vsqrt: torch's
-   square root (MKL), or NULL for sqrtf. */
+   square root (MKL), or NULL for sqrtf.
+
+   The square root and the two divisions are what an Adam step spends its time on (a CPU's one
+   divider does both), and a dropped entry needs neither: its step * (m * 0) / denom is that zero
+   (or a NaN for an infinite m) whatever denom is, so long as denom > 0, that is v > 0, or v >= 0
+   with eps > 0 (else 0 / 0 or a NaN v: NaN). So a first loop decays every entry, steps the
+   dropped ones so, and flags the selected; their few v are then gathered (8 flags at a time, as
+   in band()), rooted in one call and divided, and their p stepped: the divider works on the
+   alpha share of the entries only, for the very same bits. */
 void mofo_masked_step(float *restrict p, const float *restrict m, const float *restrict v, long n,
                       float tau, float decay, float c, float eps, float step, int threads,
                       vsqrt_fn vsqrt) {
@@ -314,17 +322,34 @@ void mofo_masked_step(float *restrict p, const float *restrict m, const float *r
     const long long mode = 0x2 | 0x140000 | 0x100;
     if (threads < 1) threads = 1;
     #pragma omp parallel for num_threads(threads) schedule(static)
-    for (long i = 0; i < n; i += ROOTS) {
-        float root[ROOTS];
-        int len = n - i < ROOTS ? (int)(n - i) : ROOTS;
-        if (vsqrt)
-            vsqrt(&len, v + i, root, &mode);
-        else
-            for (int e = 0; e < len; e++) root[e] = sqrtf(v[i + e]);
+    for (long i = 0; i < n; i += STEP_BLOCK) {
+        unsigned char flags[STEP_BLOCK];
+        int idx[STEP_BLOCK], len = n - i < STEP_BLOCK ? (int)(n - i) : STEP_BLOCK, kept = 0, j = 0;
+        float sel_v[STEP_BLOCK], root[STEP_BLOCK];
         for (int e = 0; e < len; e++) {
-            float denom = root[e] / c + eps, mi = m[i + e];
-            float kept = mi * (float)(fabsf(mi) >= tau);  /* m * mask, as the reference */
-            p[i + e] = p[i + e] * decay + step * kept / denom;
+            float mi = m[i + e], vi = v[i + e], q = p[i + e] * decay;
+            int selected = fabsf(mi) >= tau;
+            float dropped = (vi > 0.0f || (eps > 0.0f && vi >= 0.0f)) ? step * (mi * 0.0f) : NAN;
+            p[i + e] = selected ? q : q + dropped;
+            flags[e] = selected;
+        }
+        for (; j + 8 <= len; j += 8) {
+            uint64_t word;
+            memcpy(&word, flags + j, 8);
+            for (; word; word &= word - 1)
+                idx[kept++] = j + (__builtin_ctzll(word) >> 3);
+        }
+        for (; j < len; j++)
+            if (flags[j]) idx[kept++] = j;
+        for (int s = 0; s < kept; s++) sel_v[s] = v[i + idx[s]];
+        if (vsqrt && kept)
+            vsqrt(&kept, sel_v, root, &mode);
+        else
+            for (int s = 0; s < kept; s++) root[s] = sqrtf(sel_v[s]);
+        for (int s = 0; s < kept; s++) {
+            float denom = root[s] / c + eps;
+            long e = i + idx[s];
+            p[e] = p[e] + step * m[e] / denom;  /* m * 1: m */
         }
     }
 }

@@ -37,25 +37,26 @@ def facts_sd(kept, n_facts=600):
 
 
 def chosen(points, acc, task="add"):
-    """Of a run's points (its curve; for a pull-back family the pulled-back weights too), the one
-    nearest θ0 whose validation accuracy reaches acc, else None. Validation problems choose; the
-    test problems and the facts then score the choice. Along a curve the distance grows with the
-    steps, so this is the first step that reaches acc."""
-    good = [p for p in points if p[f"{task}_val_acc"] >= acc]
-    return min(good, key=lambda p: p["dist_abs"]) if good else None
+    """The first of a run's scored points (its curve, in step order) whose validation accuracy
+    reaches acc, else None: the one reading rule. Validation problems choose; the test problems
+    and the facts then score the choice."""
+    return next((p for p in points if p[f"{task}_val_acc"] >= acc), None)
 
 
 def matched(runs, acc, task="add"):
     """{label: {lr: {seed: chosen point or None}}} of runs [(label, lr, seed, metrics)]; a
-    pulled-back full run adds the labels "<label> + wise" and "<label> + lines": its curve and its
-    end pulled back, chosen alike."""
+    pulled-back full run adds the labels "<label> + wise" and "<label> + lines": the nearest θ0 of
+    its chosen step and its end weights pulled back (each λ a point) that reach acc."""
     out = {}
     for label, lr, seed, m in runs:
-        out.setdefault(label, {}).setdefault(lr, {})[seed] = chosen(m["curve"], acc, task)
+        first = chosen(m["curve"], acc, task)
+        out.setdefault(label, {}).setdefault(lr, {})[seed] = first
         for fam in ("wise", "lines") if "pullback" in m else ():
-            pulled = [p for k, p in m["pullback"].items() if k.startswith(fam)]
-            out.setdefault(f"{label} + {fam}", {}).setdefault(lr, {})[seed] = chosen(
-                m["curve"] + pulled, acc, task)
+            pulled = [p for k, p in m["pullback"].items()
+                      if k.startswith(fam) and p[f"{task}_val_acc"] >= acc]
+            reached = [p for p in (first, *pulled) if p is not None]
+            out.setdefault(f"{label} + {fam}", {}).setdefault(lr, {})[seed] = min(
+                reached, key=lambda p: p["dist_abs"], default=None)
     return out
 
 

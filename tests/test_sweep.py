@@ -278,8 +278,15 @@ def point(it, val, test, facts, dist):
 def test_chosen_uses_validation_accuracy_never_the_test_problems_or_facts():
     c = [point(0, 0.0, 0.0, 0.98, 0.0), point(100, 0.5, 0.95, 0.97, 1.0),  # test acc high, validation not
          point(200, 0.85, 0.80, 0.60, 2.0), point(300, 0.95, 0.97, 0.90, 3.0)]  # facts higher later
-    assert stats.chosen(c, 0.8) is c[2]  # the first (nearest θ0) to reach 80 % on validation
+    assert stats.chosen(c, 0.8) is c[2]  # the first to reach 80 % on validation
     assert stats.chosen(c, 0.9) is c[3] and stats.chosen(c, 0.99) is None
+
+
+def test_the_reading_is_the_first_step_that_reaches_the_level_even_when_the_run_moves_back():
+    # an L2 pull can bring θ back toward θ0 after the task is learned: one rule, the first step
+    c = [point(0, 0.0, 0.0, 0.98, 0.0), point(250, 0.92, 0.9, 0.80, 4.0),
+         point(500, 0.95, 0.95, 0.85, 3.5)]
+    assert stats.chosen(c, 0.9) is c[1]
 
 
 def test_best_rate_leaves_the_scored_seed_out():
