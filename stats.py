@@ -83,6 +83,34 @@ def best_rate(by_lr, seed, key="fact_mc"):
     return by_lr[lr].get(seed), lr
 
 
+def bracket(by_lr, lr, key="fact_mc"):
+    """What a best rate is: "bracketed" when a rate on each side of it keeps less (mean over the
+    seeds; a rate not every seed reaches keeps nothing), else what stopped it: "lowest rate
+    reached" (a lower rate of the grid does not reach the level: the budget), "lowest rate"
+    or "highest rate" (the grid's edge). Only a bracketed rate is a best rate."""
+    rates = sorted(by_lr)
+    mean = {r: (sum(p[key] for p in by_lr[r].values()) / len(by_lr[r])
+                if all(p is not None for p in by_lr[r].values()) else -1.0) for r in rates}
+    i = rates.index(lr)
+    if i == len(rates) - 1:
+        return "highest rate"
+    if i == 0:
+        return "lowest rate"
+    if mean[rates[i - 1]] < 0:
+        return "lowest rate reached"
+    return "bracketed" if mean[rates[i - 1]] < mean[lr] > mean[rates[i + 1]] else "not the best"
+
+
+def interpolated(curve, acc, key="fact_mc", task="add"):
+    """`key` at exactly acc validation accuracy, linear between the last scored step below it and
+    the first that reaches it (the reading's sensitivity to the 250-step grid); None if never."""
+    for before, p in zip(curve, curve[1:]):
+        v0, v1 = before[f"{task}_val_acc"], p[f"{task}_val_acc"]
+        if v1 >= acc > v0:
+            return before[key] + (acc - v0) / (v1 - v0) * (p[key] - before[key])
+    return curve[0][key] if curve and curve[0][f"{task}_val_acc"] >= acc else None
+
+
 def over_axis(pts, a, b, key="fact_mc"):
     """interval() of a − b, each at its own best rate (best_rate), paired by seed."""
     seeds = sorted({s for by_seed in pts[a].values() for s in by_seed})

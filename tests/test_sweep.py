@@ -289,6 +289,22 @@ def test_the_reading_is_the_first_step_that_reaches_the_level_even_when_the_run_
     assert stats.chosen(c, 0.9) is c[1]
 
 
+def test_a_best_rate_is_bracketed_or_says_what_stopped_it():
+    p = lambda facts: point(0, 1.0, 1.0, facts, 1.0)
+    by_lr = {1e-4: {0: None, 1: p(0.9)}, 2e-4: {0: p(0.8), 1: p(0.8)},
+             5e-4: {0: p(0.85), 1: p(0.85)}, 1e-3: {0: p(0.5), 1: p(0.6)}, 2e-3: {0: p(0.9), 1: p(0.9)}}
+    assert stats.bracket(by_lr, 2e-4) == "lowest rate reached"  # 1e-4 not reached by every seed
+    assert stats.bracket(by_lr, 5e-4) == "bracketed"
+    assert stats.bracket(by_lr, 1e-3) == "not the best"
+    assert stats.bracket(by_lr, 2e-3) == "highest rate" and stats.bracket(by_lr, 1e-4) == "lowest rate"
+
+
+def test_the_interpolated_reading_lies_between_the_two_scored_steps():
+    c = [point(0, 0.0, 0.0, 0.98, 0.0), point(250, 0.8, 0.8, 0.90, 1.0), point(500, 1.0, 1.0, 0.70, 2.0)]
+    assert stats.interpolated(c, 0.9) == pytest.approx(0.80)  # half way from 0.8 to 1.0
+    assert stats.interpolated(c, 0.8) == pytest.approx(0.90) and stats.interpolated(c, 1.01) is None
+
+
 def test_best_rate_leaves_the_scored_seed_out():
     p = lambda facts: point(0, 1.0, 1.0, facts, 1.0)
     by_lr = {1e-4: {0: p(0.50), 1: p(0.80), 2: p(0.80)},  # the others prefer 1e-4
