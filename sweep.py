@@ -50,7 +50,8 @@ RATES = (1e-4, 2e-4, 5e-4, 1e-3, 2e-3)  # the rate axis: 1/30 ... 2/3 of pre-tra
 STEPS = 2000  # from one pilot (full, lr 1e-4): task accuracy 79 % at 1000 steps, 95 % at 2000
 QUIET = dict(log_interval=10**9, ckpt_interval=0,  # sweeps keep each run's JSON, not its checkpoints,
              device="cpu")  # and pre-train and fine-tune on the CPU: a GPU's bf16 autocast rounds apart
-LATER_FLAGS = {"task_replay": 0.0, "compile": False, "lora_targets": "all", "pullback": False}
+LATER_FLAGS = {"task_replay": 0.0, "compile": False, "lora_targets": "all", "pullback": False,
+               "pullback_fine": False}
 # flags that joined the key after runs were cached: left out at this value, so a run's key stays
 
 @dataclass
@@ -114,7 +115,8 @@ BUDGET = 4000
 HALF_DECADE = (1e-4, 1.4e-4, 2e-4, 3e-4, 5e-4, 7e-4, 1e-3)
 BELOW = (7e-5, 5e-5)  # added, before their runs, for a method whose best is still the lowest rate
 LONG = dict(QUIET, max_iters=BUDGET, curve_points=BUDGET // 250)
-HEADLINE = {k: AXIS[k] for k in ("full", "mofo-α0.1", "l2")}  # full's runs pull back at the end
+HEADLINE = {"full": dict(AXIS["full"], pullback_fine=True),  # pulled back at the end, finely
+            **{k: AXIS[k] for k in ("mofo-α0.1", "l2")}}
 SWEEPS["explore"] = Sweep(HEADLINE, lrs=HALF_DECADE, base=LONG)
 SWEEPS["explore_hft"] = Sweep({"hft": AXIS["hft"]}, lrs=HALF_DECADE, base=LONG)
 # Cut for the budget (about 8 h of the machine) before any of these runs, in the order LoRA,

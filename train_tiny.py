@@ -96,6 +96,7 @@ class Config:  # every field is a flag: --help shows the comment beside it
     eval_problems: int = 500  # held-out test problems per task, scored at the end
     curve_points: int = 8  # evaluations along each task, besides step 0 (every fact, every problem)
     pullback: bool = False  # score the end weights pulled back toward θ0 too (pullback.py)
+    pullback_fine: bool = False  # with --pullback, WiSE-FT at λ 0.8, 0.85, 0.9, 0.95 too
 
 PRESETS = {  # --preset: a named starting point; flags given on the command line still win
     "smoke": dict(out_dir="out/smoke", n_people=12, n_layer=2, n_head=2, n_embd=32, block_size=64,
@@ -336,7 +337,7 @@ def evaluate(model, theta0, cfg, corpus, pre, state, tasks, scored, device):
          "heldout_loss_rise": after["heldout_loss"] - before["heldout_loss"]}
     if cfg.pullback:  # the last use of the model: it is left pulled back
         theta, m["pullback"] = {n: p.detach().clone() for n, p in model.named_parameters()}, {}
-        for name, (a, b) in pullback.settings().items():
+        for name, (a, b) in pullback.settings(cfg.pullback_fine).items():
             pullback.pull_back_(model, theta0, theta, cfg.n_layer, a, b)
             m["pullback"][name] = measure(model, theta0, corpus.probes, corpus.heldout, scored,
                                           cfg.block_size, device)
