@@ -301,6 +301,17 @@ int mofo_moments_band(const float *g, float *m, float *v, long n, long k, float 
 /* MKL's vmsSqrt through its Fortran entry (n, a, r, mode by address), as libtorch_cpu exports it */
 typedef void (*vsqrt_fn)(const int *n, const float *a, float *r, const long long *mode);
 
+/* lut[bits]: the positions of the set bits of a byte, in order. Selected entries (a tenth or
+   more) are too many for a branch per entry or per set flag to be predicted; with lut, 8 flags
+   become their indices in 8 stores and a popcount. */
+static unsigned char lut[256][8];
+
+static void __attribute__((constructor)) fill_lut(void) {
+    for (int bits = 0; bits < 256; bits++)
+        for (int t = 0, c = 0; t < 8; t++)
+            if (bits >> t & 1) lut[bits][c++] = t;
+}
+
 #define STEP_BLOCK 4096  /* entries per block of mofo_masked_step: its buffers stay in cache */
 
 /* Steps 1, 3 and 5 in one read of p, m, v: p = p * decay, denom = sqrt(v) / c + eps,
@@ -312,9 +323,9 @@ typedef void (*vsqrt_fn)(const int *n, const float *a, float *r, const long long
    divider does both), and a dropped entry needs neither: its step * (m * 0) / denom is that zero
    (or a NaN for an infinite m) whatever denom is, so long as denom > 0, that is v > 0, or v >= 0
    with eps > 0 (else 0 / 0 or a NaN v: NaN). So a first loop decays every entry, steps the
-   dropped ones so, and flags the selected; their few v are then gathered (8 flags at a time, as
-   in band()), rooted in one call and divided, and their p stepped: the divider works on the
-   alpha share of the entries only, for the very same bits. */
+   dropped ones so, and flags the selected; their few v are then gathered, rooted in one call and
+   divided, and their p stepped: the divider works on the alpha share of the entries only, for
+   the very same bits. */
 void mofo_masked_step(float *restrict p, const float *restrict m, const float *restrict v, long n,
                       float tau, float decay, float c, float eps, float step, int threads,
                       vsqrt_fn vsqrt) {
@@ -324,7 +335,7 @@ void mofo_masked_step(float *restrict p, const float *restrict m, const float *r
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long i = 0; i < n; i += STEP_BLOCK) {
         unsigned char flags[STEP_BLOCK];
-        int idx[STEP_BLOCK], len = n - i < STEP_BLOCK ? (int)(n - i) : STEP_BLOCK, kept = 0, j = 0;
+        int idx[STEP_BLOCK + 8], len = n - i < STEP_BLOCK ? (int)(n - i) : STEP_BLOCK, kept = 0, j = 0;
         float sel_v[STEP_BLOCK], root[STEP_BLOCK];
         for (int e = 0; e < len; e++) {
             float mi = m[i + e], vi = v[i + e], q = p[i + e] * decay;
@@ -333,14 +344,17 @@ void mofo_masked_step(float *restrict p, const float *restrict m, const float *r
             p[i + e] = selected ? q : q + dropped;
             flags[e] = selected;
         }
-        for (; j + 8 <= len; j += 8) {
+        for (; j + 8 <= len; j += 8) {  /* 8 flags at a time, without a branch (see lut) */
             uint64_t word;
             memcpy(&word, flags + j, 8);
-            for (; word; word &= word - 1)
-                idx[kept++] = j + (__builtin_ctzll(word) >> 3);
+            unsigned bits = (word * 0x0102040810204080ULL) >> 56;  /* bit t: flags[j + t] */
+            for (int t = 0; t < 8; t++) idx[kept + t] = j + lut[bits][t];
+            kept += __builtin_popcount(bits);
         }
-        for (; j < len; j++)
-            if (flags[j]) idx[kept++] = j;
+        for (; j < len; j++) {
+            idx[kept] = j;
+            kept += flags[j];
+        }
         for (int s = 0; s < kept; s++) sel_v[s] = v[i + idx[s]];
         if (vsqrt && kept)
             vsqrt(&kept, sel_v, root, &mode);
