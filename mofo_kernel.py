@@ -322,10 +322,10 @@ static void __attribute__((constructor)) fill_lut(void) {
    The square root and the two divisions are what an Adam step spends its time on (a CPU's one
    divider does both), and a dropped entry needs neither: its step * (m * 0) / denom is that zero
    (or a NaN for an infinite m) whatever denom is, so long as denom > 0, that is v > 0, or v >= 0
-   with eps > 0 (else 0 / 0 or a NaN v: NaN). So a first loop decays every entry, steps the
-   dropped ones so, and flags the selected; their few v are then gathered, rooted in one call and
-   divided, and their p stepped: the divider works on the alpha share of the entries only, for
-   the very same bits. */
+   with eps > 0. So a first loop decays every entry, steps the dropped ones so, and flags the
+   rest (the selected, and any whose denom may not be > 0); their few v are then gathered,
+   rooted in one call and divided, and their p stepped as written: the divider works on the
+   alpha share of the entries only, for the very same bits. */
 void mofo_masked_step(float *restrict p, const float *restrict m, const float *restrict v, long n,
                       float tau, float decay, float c, float eps, float step, int threads,
                       vsqrt_fn vsqrt) {
@@ -339,10 +339,11 @@ void mofo_masked_step(float *restrict p, const float *restrict m, const float *r
         float sel_v[STEP_BLOCK], root[STEP_BLOCK];
         for (int e = 0; e < len; e++) {
             float mi = m[i + e], vi = v[i + e], q = p[i + e] * decay;
-            int selected = fabsf(mi) >= tau;
-            float dropped = (vi > 0.0f || (eps > 0.0f && vi >= 0.0f)) ? step * (mi * 0.0f) : NAN;
-            p[i + e] = selected ? q : q + dropped;
-            flags[e] = selected;
+            /* exact: the selected, and the dropped whose denom may not be > 0 (then 0 / 0, or a
+               NaN v's own NaN: the division itself says which bits) */
+            int exact = fabsf(mi) >= tau || !(vi > 0.0f || (eps > 0.0f && vi >= 0.0f));
+            p[i + e] = exact ? q : q + step * (mi * 0.0f);
+            flags[e] = exact;
         }
         for (; j + 8 <= len; j += 8) {  /* 8 flags at a time, without a branch (see lut) */
             uint64_t word;
@@ -361,9 +362,9 @@ void mofo_masked_step(float *restrict p, const float *restrict m, const float *r
         else
             for (int s = 0; s < kept; s++) root[s] = sqrtf(sel_v[s]);
         for (int s = 0; s < kept; s++) {
-            float denom = root[s] / c + eps;
             long e = i + idx[s];
-            p[e] = p[e] + step * m[e] / denom;  /* m * 1: m */
+            float denom = root[s] / c + eps, kept_m = m[e] * (float)(fabsf(m[e]) >= tau);
+            p[e] = p[e] + step * kept_m / denom;
         }
     }
 }
