@@ -1,8 +1,9 @@
 """The study: every method at the same learning rates and seeds, read at the same task accuracy.
 
-    python sweep.py --study            # the whole study, sweep after sweep (a restart resumes it)
-    python sweep.py --sweep axis       # one of its sweeps: axis, lora, filters, alpha_low, recovery,
-                                       #   width64, width192 (what each is: the grids below)
+    python sweep.py --study            # the 2000-step study, sweep after sweep (a restart resumes it)
+    python sweep.py --sweep axis       # one sweep: the 2000-step axis, lora, filters, alpha_low,
+                                       #   recovery, width64; the long budget's pilot, pilot2,
+                                       #   explore, explore_hft, control (the grids below)
     python sweep.py --export           # results/<sweep>.json from the cache: what the notebooks draw
     python sweep.py --preset smoke     # a sweep's whole pipeline on a toy model, in seconds (CI)
     python sweep.py --preset quick --method mofo --filter random   # your method beside full and MoFO
