@@ -23,7 +23,8 @@ The yardstick, "/ fused", is each one's wall time over AdamW(fused=True)'s, the 
 where this torch runs it on the device ("/ fastest": the faster of the other two where it does
 not); "/ foreach=False" is over AdamW(foreach=False)'s, the single-tensor AdamW whose operations
 MoFO's follow. Targets (issue 44): MoFO(compiled=True) within 2x fused AdamW, the eager fast path
-within 4x. The reference and both MoFOs compute bitwise the same step. On a 2-core CPU the 7B layer takes minutes
+within 4x. The reference and both MoFOs compute bitwise the same step. On a 2-core CPU the 7B layer
+takes minutes
 (the reference's step alone takes seconds): --rounds_7b sets its rounds, --shapes bench skips it.
 
 hft: one training step (forward, backward, AdamW step) of HFT vs full fine-tuning, phase by phase,
@@ -201,17 +202,19 @@ def bench_optimizers(title, shapes, contenders, device, rounds, warmup):
     print(f"  {title}: {n_params / 1e6:.1f} M parameters in {len(shapes)} tensors, "
           f"median of {rounds} interleaved rounds")
     yardstick = yardstick_of(ms)
-    print(f"  {'':26s} {'wall ms':>9s} {'CPU ms':>9s} {'/ fused' if 'fused' in yardstick else '/ fastest':>9s} "
-          f"{'/ foreach=False':>16s}")
+    column = "/ fused" if "fused" in yardstick else "/ fastest"
+    print(f"  {'':26s} {'wall ms':>9s} {'CPU ms':>9s} {column:>9s} {'/ foreach=False':>16s}")
     base, single = ms[yardstick], ms["AdamW (foreach=False)"]
     for name in contenders:
-        print(f"  {name:26s} {ms[name]:9.1f} {cpu[name]:9.1f} {ms[name] / base:9.2f} {ms[name] / single:16.2f}")
+        print(f"  {name:26s} {ms[name]:9.1f} {cpu[name]:9.1f} {ms[name] / base:9.2f} "
+              f"{ms[name] / single:16.2f}")
     return ms
 
 
 def yardstick_of(ms):
     """The AdamW the tables divide by: fused=True where this torch runs it on the device (what a
-    user picks there: it reads g, m, v, p and writes m, v, p once), else the faster of the others."""
+    user picks there: it reads g, m, v, p and writes m, v, p once), else the faster of the
+    others."""
     if "AdamW (fused=True)" in ms:
         return "AdamW (fused=True)"
     return min(("AdamW (foreach=False)", "AdamW (foreach=True)"), key=ms.get)

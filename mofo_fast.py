@@ -300,8 +300,8 @@ def fused_matches_torch():
                     mofo.mofo_update_(q, g, mq, vq, *hyper)
             runs.append([t.view(torch.int32) for t in (q, mq, vq)])
         if not all(torch.equal(a, b) for a, b in zip(*runs)):
-            warnings.warn("MoFO(compiled=True): this torch rounds AdamW's ops unlike the fused C step; "
-                          "it takes steps 4-5 in C only")
+            warnings.warn("MoFO(compiled=True): this torch rounds AdamW's ops unlike the fused C "
+                          "step; it takes steps 4-5 in C only")
             return False
     return True
 

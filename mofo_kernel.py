@@ -335,7 +335,8 @@ void mofo_masked_step(float *restrict p, const float *restrict m, const float *r
     #pragma omp parallel for num_threads(threads) schedule(static)
     for (long i = 0; i < n; i += STEP_BLOCK) {
         unsigned char flags[STEP_BLOCK];
-        int idx[STEP_BLOCK + 8], len = n - i < STEP_BLOCK ? (int)(n - i) : STEP_BLOCK, kept = 0, j = 0;
+        int idx[STEP_BLOCK + 8], kept = 0, j = 0;
+        int len = n - i < STEP_BLOCK ? (int)(n - i) : STEP_BLOCK;
         float sel_v[STEP_BLOCK], root[STEP_BLOCK];
         for (int e = 0; e < len; e++) {
             float mi = m[i + e], vi = v[i + e], q = p[i + e] * decay;
@@ -417,8 +418,8 @@ def library():
             else:
                 raise RuntimeError(run.stderr)
         except (OSError, RuntimeError) as e:
-            raise RuntimeError(f"MoFO(compiled=True) needs a C compiler with OpenMP; `{' '.join(cmd)}` "
-                               f"failed: {e}") from e
+            raise RuntimeError(f"MoFO(compiled=True) needs a C compiler with OpenMP; "
+                               f"`{' '.join(cmd)}` failed: {e}") from e
         finally:
             os.remove(src)
         os.replace(tmp, path)  # atomic: a concurrent build never loads half a file

@@ -1,4 +1,5 @@
-"""mofo_fast.MoFO(compiled=True): mofo_kernel.py's C step against torch and mofo.MoFO, bit for bit."""
+"""mofo_fast.MoFO(compiled=True): mofo_kernel.py's C step against torch and mofo.MoFO, bit for
+bit."""
 import math
 
 import pytest
@@ -228,9 +229,10 @@ def test_fused_moments_are_torchs_bit_for_bit(threads, beta1, beta2, maximize):
             m, v = torch.randn(n, generator=gen) * 1e-2, torch.rand(n, generator=gen) * 1e-3
             m_ref, v_ref = moments_eager(g, m, v, beta1, beta2, maximize)
             k = max(1, n // 10)
-            found = mofo_kernel.moments_threshold_c(g, m, v, k, -1.0 if maximize else 1.0, 1 - beta1,
-                                                    beta2, 1 - beta2, mofo_fast.SAMPLE_SIZE,
-                                                    mofo_fast.SAMPLE_Z, torch.empty(n))
+            found = mofo_kernel.moments_threshold_c(g, m, v, k, -1.0 if maximize else 1.0,
+                                                    1 - beta1, beta2, 1 - beta2,
+                                                    mofo_fast.SAMPLE_SIZE, mofo_fast.SAMPLE_Z,
+                                                    torch.empty(n))
             assert torch.equal(as_bits(m), as_bits(m_ref)), n
             assert torch.equal(as_bits(v), as_bits(v_ref)), n
             tau = torch.topk(m.abs(), k).values[-1]
@@ -267,7 +269,8 @@ def test_fused_masked_step_is_torchs_bit_for_bit(threads):
                 if i < n:
                     (m if name == "m" else v)[i] = value
             tau = float(torch.topk(m.abs(), max(1, n // 10)).values[-1])
-            for lr, wd, eps in ((1e-3, 0.0, 1e-8), (torch.tensor(3e-2), 0.1, 0.0), (0.5, 0.01, 1e-3)):
+            hypers = ((1e-3, 0.0, 1e-8), (torch.tensor(3e-2), 0.1, 0.0), (0.5, 0.01, 1e-3))
+            for lr, wd, eps in hypers:
                 c, step_size = (1 - 0.999 ** 3) ** 0.5, lr / (1 - 0.9 ** 3)
                 ref = masked_step_eager(p, m, v, tau, lr, wd, c, eps, step_size)
                 q = p.clone()
@@ -301,7 +304,8 @@ def train_side_by_side(steps=6, lr=1e-2, seed=0, **kwargs):
         for step in range(steps):
             g = torch.Generator().manual_seed(100 + step)
             for p in params:
-                p.grad = torch.randn(p.shape, generator=g) * 10.0 ** torch.randint(-4, 1, p.shape, generator=g)
+                scale = 10.0 ** torch.randint(-4, 1, p.shape, generator=g)
+                p.grad = torch.randn(p.shape, generator=g) * scale
                 if step == 2:
                     p.grad[..., :3] = 0.0  # equal |m| among the smallest
             opt.step()
