@@ -24,8 +24,8 @@ where this torch runs it on the device ("/ fastest": the faster of the other two
 not); "/ foreach=False" is over AdamW(foreach=False)'s, the single-tensor AdamW whose operations
 MoFO's follow. Targets (issue 44): MoFO(compiled=True) within 2x fused AdamW, the eager fast path
 within 4x. The reference and both MoFOs compute bitwise the same step. On a 2-core CPU the 7B layer
-takes minutes
-(the reference's step alone takes seconds): --rounds_7b sets its rounds, --shapes bench skips it.
+takes minutes (the reference's step alone takes seconds): --rounds_7b sets its rounds, --shapes
+bench skips it.
 
 hft: one training step (forward, backward, AdamW step) of HFT vs full fine-tuning, phase by phase,
 and the size of AdamW's state.
