@@ -4,39 +4,22 @@ Speed comparisons, measured side by side in one run, against what users run.
     python bench.py                  # every section, on the best device available
     python bench.py --only mofo      # one section: mofo | hft | loop
     python bench.py --device cpu --threads 2
-    python bench.py --quick          # tiny shapes, one round: checks that it runs (the tests); no numbers
+    python bench.py --quick          # tiny shapes, one round: checks that it runs (the tests)
 
-The first line names the machine (CPU, cores, RAM, torch, threads, GPU) for the README's table.
 Each section times its contenders in interleaved rounds (A, B, C, A, B, C, ...) and reports
-medians, so background load hits all of them alike; compare the ratios, not the raw times. Next
-to the wall time each section gives this process's CPU time, which other programs on a busy
-machine disturb far less (with n threads it counts up to n times the wall time).
+medians, so background load hits all of them alike: compare ratios, not raw times. Beside the
+wall time stands this process's CPU time, which other programs disturb far less.
 
-mofo: one optimizer step with random gradients, on two sets of shapes (--shapes): the bench model,
-a Llama-shaped decoder of about 13 M parameters, and one Llama-7B decoder layer (q, k, v, o
-4096x4096; gate, up 11008x4096; down 4096x11008; two norms: 202 M parameters). Contenders: torch
-AdamW with foreach=False (torch's default on a CPU), foreach=True (its default on CUDA) and
-fused=True (where this torch runs it on the device), MoFO's readable reference (MoFO(fast=False):
-mofo.mofo_update_, a full torch.topk per tensor as the authors' release does), MoFO (alpha=0.1)
-and, on a CPU with a C compiler, MoFO(compiled=True) (its step in two passes of C: mofo_kernel.py).
-The yardstick, "/ fused", is each one's wall time over AdamW(fused=True)'s, the AdamW a user picks
-where this torch runs it on the device ("/ fastest": the faster of the other two where it does
-not); "/ foreach=False" is over AdamW(foreach=False)'s, the single-tensor AdamW whose operations
-MoFO's follow. Targets (issue 44): MoFO(compiled=True) within 2x fused AdamW, the eager fast path
-within 4x. The reference and both MoFOs compute bitwise the same step. On a 2-core CPU the 7B layer
-takes minutes (the reference's step alone takes seconds): --rounds_7b sets its rounds, --shapes
-bench skips it.
-
-hft: one training step (forward, backward, AdamW step) of HFT vs full fine-tuning, phase by phase,
-and the size of AdamW's state.
-
-loop: ms per iteration of train_tiny's training loop (its schedule and step, with the optimizer of
-train_tiny.METHODS, as `python train_tiny.py` runs it) on nanoGPT's CPU recipe shapes, for full
-fine-tuning and MoFO, against the same loop driving nanoGPT's architecture (GPT2 below: LayerNorm,
-learned positions, one qkv matrix, GELU) at the same shapes and on the same data, and against our
-model with LayerNorm in place of RMSNorm (what the norm costs); with --compile also GPT-2 and ours
-with the model torch.compile'd (train_tiny's --compile: fuses RMSNorm's and rotary's small ops), MoFO
-with MoFO(compiled=True) besides.
+mofo: one optimizer step on the bench model (a Llama-shaped decoder, 13 M parameters) and on one
+Llama-7B decoder layer (202 M parameters; --shapes). Contenders: torch's AdamW (foreach=False,
+foreach=True, fused=True where this torch runs it), mofo.MoFO (the readable reference: a full
+torch.topk per tensor), mofo_fast.MoFO and, with a C compiler, mofo_fast.MoFO(compiled=True). The
+yardstick "/ fused" is AdamW(fused=True), what a user picks (the fastest AdamW where it does not
+run); "/ foreach=False" is the single-tensor AdamW whose operations MoFO's follow. All MoFOs
+compute bitwise the same step. hft: one training step of HFT against full fine-tuning, phase by
+phase, and AdamW's state. loop: ms per iteration of train_tiny's loop on nanoGPT's CPU recipe
+shapes, full fine-tuning and MoFO, against the same loop driving nanoGPT's GPT-2 (GPT2 below) and
+our model with LayerNorm for RMSNorm; --compile adds the torch.compile'd models.
 """
 import argparse
 import gc
@@ -90,17 +73,14 @@ def meminfo(key):
     """A /proc/meminfo entry in bytes ("MemTotal", "MemAvailable"), or None where there is none."""
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
+            return next((int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")),
+                        None)
     except OSError:
-        pass
-    return None
+        return None
 
 
 def machine_description(device):
-    """One line naming the machine for the README's speed table: what a run records (loop.machine),
-    with the RAM and the GPU."""
+    """One line naming the machine (loop.machine's, with the RAM and GPU) for the speed tables."""
     m, ram = loop.machine(), meminfo("MemTotal")
     line = (f"machine: {m['cpu']} ({m['capability']}), {m['cores']} logical CPUs"
             + (f", {ram / 2**30:.0f} GiB RAM" if ram else "")
@@ -171,14 +151,9 @@ def compiled_problem(device):
 
 def bench_optimizers(title, shapes, contenders, device, rounds, warmup):
     """Print one table: each contender's step on `shapes`; returns its median wall ms."""
-    # One parameter set and one gradient set serve every contender, and one optimizer lives at a
-    # time, made anew before each timed step: interleaved rounds, robust to load that comes and
-    # goes, at the memory of a single AdamW run. The Llama-7B layer has 202 M parameters, 0.8 GB
-    # in fp32: five contenders with their own parameters, gradients and two moments would hold
-    # 5 x 4 x 0.8 = 16 GB, five optimizers over shared parameters 1.6 + 5 x 1.6 = 9.7 GB; this
-    # way 1.6 + 1.6 GB and one step's temporaries. A new optimizer's first step allocates its
-    # state and is not timed; the timed second step does what every later step does (nothing
-    # here depends on the step count but two scalar bias corrections).
+    # One parameter and gradient set serves every contender, one optimizer alive at a time (made
+    # anew, its first step untimed): the memory of a single AdamW run (3.2 GB for the 7B layer,
+    # against 16 GB for six contenders with their own), and interleaved rounds all the same.
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
     for p in params:
@@ -221,8 +196,8 @@ def yardstick_of(ms):
 
 
 def print_targets(ms, alpha):
-    """Issue 44's targets: MoFO's fast path within 2x the fastest AdamW where a C compiler runs
-    its step (MoFO(compiled=True)), within 4x without one (the eager fast path)."""
+    """The fast path's targets: within 2x the yardstick where a C compiler runs its step
+    (compiled=True), within 4x without one (the eager fast path)."""
     yardstick = yardstick_of(ms)
     mofo, reference = ms[f"MoFO (alpha={alpha})"], ms["MoFO reference (topk)"]
     print(f"  targets: MoFO / AdamW(foreach=False) {mofo / ms['AdamW (foreach=False)']:.2f}, "
@@ -231,13 +206,6 @@ def print_targets(ms, alpha):
     if "MoFO (compiled=True)" in ms:
         print(f"           MoFO(compiled=True) / {yardstick} "
               f"{ms['MoFO (compiled=True)'] / ms[yardstick]:.2f} (<= 2.0, with a C compiler)")
-
-
-def peak_memory(device):
-    """This process's peak memory so far, in bytes: the GPU's allocations, or the CPU's RSS."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def bench_mofo(args):
@@ -252,9 +220,7 @@ def bench_mofo(args):
         print_targets(ms, args.alpha)
     if args.shapes in ("llama7b-layer", "both"):
         shapes = llama_layer_shapes(args.layer_embd, args.layer_hidden)
-        # parameters, gradients, two moments and temporaries (foreach's sqrt of every exp_avg_sq,
-        # MoFO's buffers, the reference's topk): 6 fp32 copies; the CPU's peak RSS measured 4.4 GiB
-        # for the 202 M parameters, 5.8 copies. Stay well inside what the machine has free.
+        # parameters, gradients, two moments and temporaries: 6 fp32 copies (5.8 measured)
         need = 6 * 4 * sum(math.prod(s) for s in shapes)
         free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else meminfo("MemAvailable")
         title = f"Llama-7B layer (n_embd={args.layer_embd}, n_hidden={args.layer_hidden})"
@@ -264,8 +230,11 @@ def bench_mofo(args):
         # its steps take seconds on a CPU: fewer rounds (--rounds_7b) and at most one warm-up round
         print_targets(bench_optimizers(title, shapes, contenders, device, args.rounds_7b,
                                        min(args.warmup, 1)), args.alpha)
-        print(f"  peak memory of this process: {peak_memory(device) / 2**30:.1f} GiB "
-              f"({'GPU allocations' if device.type == 'cuda' else 'RSS'}; estimate {need / 2**30:.1f} GiB)")
+        peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"  # bytes
+                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
+        kind = "GPU allocations" if device.type == "cuda" else "RSS"
+        print(f"  peak memory of this process: {peak / 2**30:.1f} GiB ({kind}; "
+              f"estimate {need / 2**30:.1f} GiB)")
 
 
 # -----------------------------------------------------------------------------
@@ -290,52 +259,34 @@ def bench_hft(args):
     idx = torch.randint(0, config.vocab_size, (batch_size, block_size), device=device)  # (B, T)
     targets = torch.randint(0, config.vocab_size, (batch_size, block_size), device=device)  # (B, T)
 
-    # each step also times its own phases, so the report can say where the time goes
-    phases = {name: {"forward": [], "backward": [], "optimizer": []} for name in models}
-
     def make_step(name):
-        model, optimizer, times = models[name], optimizers[name], phases[name]
+        model, optimizer = models[name], optimizers[name]
 
         def step():
-            t0 = time.perf_counter()
             _, loss = model(idx, targets)
-            sync(device)
-            t1 = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # frozen matrices: input gradient only, no weight gradient
-            sync(device)
-            t2 = time.perf_counter()
             optimizer.step()  # frozen matrices: no state, no update
-            sync(device)
-            t3 = time.perf_counter()
-            for phase, t in zip(times, (t1 - t0, t2 - t1, t3 - t2)):
-                times[phase].append(t * 1e3)
         return step
 
     # One thread: on a shared, busy CPU a two-thread step waits for its slower thread, and that
-    # noise (seconds) swamps the difference measured here; the work HFT skips is the same.
+    # noise swamps the difference measured here; the work HFT skips is the same.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        ms, cpu = time_interleaved({name: make_step(name) for name in models}, device, args.rounds, args.warmup)
+        ms, cpu = time_interleaved({name: make_step(name) for name in models}, device, args.rounds,
+                                   args.warmup)
     finally:
         torch.set_num_threads(threads)
-    phase_ms = {name: {phase: statistics.median(ts[args.warmup:]) for phase, ts in times.items()}
-                for name, times in phases.items()}
 
-    def state_bytes(optimizer):  # exp_avg, exp_avg_sq and step of every parameter with state
-        return sum(t.numel() * t.element_size() for state in optimizer.state.values()
-                   for t in state.values() if torch.is_tensor(t))
-
-    state = {name: state_bytes(optimizer) for name, optimizer in optimizers.items()}
-
-    # matmul-only estimate: forward and input gradients cost the same for both; the weight
-    # gradient is skipped for frozen matrices. Attention scores, norms, activations and the loss
-    # are the same for both and pull the measured ratio toward 1.
+    state = {name: sum(t.numel() * t.element_size() for st in opt.state.values()  # m, v, step
+                       for t in st.values() if torch.is_tensor(t)) for name, opt in optimizers.items()}
+    # matmul FLOPs: forward and input gradient alike; no weight gradient for frozen matrices (the
+    # attention scores, norms and loss, the same for both, pull the measured ratio toward 1)
     weights = [m.weight for m in models["hft"].modules() if isinstance(m, torch.nn.Linear)]
     all_mm = sum(w.numel() for w in weights)
     trained_mm = sum(w.numel() for w in weights if w.requires_grad)
-    mm_ratio = (2 * all_mm + trained_mm) / (3 * all_mm)  # (forward + input grad + weight grad) FLOPs
+    mm_ratio = (2 * all_mm + trained_mm) / (3 * all_mm)
 
     r = hft.summary(models["hft"], trainable)
     n_params = sum(p.numel() for p in models["full"].parameters())
@@ -348,9 +299,6 @@ def bench_hft(args):
           f"norm {r['by_category']['norm']['fraction']:.0%}, outside the blocks "
           f"{r['by_category']['other']['fraction']:.0%})")
     print(f"  {'':22s} {'full':>9s} {'HFT':>9s} {'HFT/full':>9s}")
-    for phase in ("forward", "backward", "optimizer"):
-        f, h = phase_ms["full"][phase], phase_ms["hft"][phase]
-        print(f"  {phase + ' ms':22s} {f:9.1f} {h:9.1f} {h / f:9.2f}")
     print(f"  {'step ms':22s} {ms['full']:9.1f} {ms['hft']:9.1f} {ms['hft'] / ms['full']:9.2f}   (target <= 0.85)")
     print(f"  {'step CPU ms':22s} {cpu['full']:9.1f} {cpu['hft']:9.1f} {cpu['hft'] / cpu['full']:9.2f}   "
           f"(CPU time of this process)")
@@ -393,11 +341,9 @@ class GPT2(nn.Module):
 
 
 def bench_loop(args):
-    """ms per iteration of train_tiny's training loop (batch, forward, backward, clip, step) on
-    nanoGPT's CPU recipe shapes: 4 layers, 4 heads, 128 channels, context 64, batch 12. Everything
-    but those shapes and the number of iterations is train_tiny's default Config, and the parameters
-    and optimizer come from its METHODS table, as `python train_tiny.py --method ...` gets them.
-    The yardstick, "/ GPT-2", is the same loop, data and AdamW driving nanoGPT's architecture."""
+    """ms per iteration of train_tiny's loop (batch, forward, backward, clip, step) on nanoGPT's CPU
+    recipe shapes (4 layers, 4 heads, 128 channels, context 64, batch 12), the rest train_tiny's
+    default Config and METHODS table; "/ GPT-2": the same loop driving nanoGPT's architecture."""
     import random
     from contextlib import nullcontext
 
