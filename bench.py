@@ -16,8 +16,8 @@ foreach=True, fused=True where this torch runs it), mofo.MoFO (the readable refe
 torch.topk per tensor), mofo_fast.MoFO and, with a C compiler, mofo_fast.MoFO(compiled=True). The
 yardstick "/ fused" is AdamW(fused=True), what a user picks (the fastest AdamW where it does not
 run); "/ foreach=False" is the single-tensor AdamW whose operations MoFO's follow. All MoFOs
-compute bitwise the same step. hft: one training step of HFT against full fine-tuning, phase by
-phase, and AdamW's state. loop: ms per iteration of train_tiny's loop on nanoGPT's CPU recipe
+compute bitwise the same step. hft: one training step of HFT against full fine-tuning, and
+AdamW's state. loop: ms per iteration of train_tiny's loop on nanoGPT's CPU recipe
 shapes, full fine-tuning and MoFO, against the same loop driving nanoGPT's GPT-2 (GPT2 below) and
 our model with LayerNorm for RMSNorm; --compile adds the torch.compile'd models.
 """

@@ -128,7 +128,7 @@ SWEEPS["explore_hft"] = Sweep({"hft": AXIS["hft"]}, lrs=HALF_DECADE, base=LONG)
 # last, at the recovery sweep's rates and steps: relearning is judged against first learning.
 SWEEPS["control"] = replace(SWEEPS["recovery"], methods={
     k: {**v, "tasks": "reverse,sort,count,add"} for k, v in RECOVERY.items()})
-LONG_STUDY = ("explore", "control")  # then confirm and mofo_l2 at explore's rates; explore_hft
+# Run order: explore, control, then confirm and mofo_l2 at explore's rates; explore_hft last.
 STUDY = ("axis", "lora", "filters", "alpha_low", "recovery", "width64")  # run order; width192
 # cut for the study's budget: its pre-training and runs cost more than the other two widths together
 
@@ -283,7 +283,8 @@ def revalidate(sweep, out_dir=None, per_family=1, workers=2, echo=print):
             [(*r[:4], replace(r[4], run_name=r[4].run_name + ".revalidate")) for r in picks], workers):
         bad = [k for k in was[key] if k not in NOT_COMPARED and was[key][k] != new.get(k)]
         echo(f"{label} lr {cfg.lr:.1e} seed {seed}: " + ("reproduced" if not bad else f"differs in {', '.join(bad)}"))
-        differ |= {family(label)} if bad else set()
+        if bad:
+            differ.add(family(label))
         new_pretrained = new.get("pretrained_fingerprint")
         os.remove(os.path.join(cfg.out_dir, cfg.run_name + ".json"))
     kept = [r for r in old if family(r[0]) not in differ]
